@@ -1,0 +1,3 @@
+from sftpipe.components.clean.component import clean
+
+__all__ = ["clean"]

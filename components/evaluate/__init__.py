@@ -1,0 +1,3 @@
+from sftpipe.components.evaluate.component import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,3 @@
+from sftpipe.components.finetune.component import finetune
+
+__all__ = ["finetune"]

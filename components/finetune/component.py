@@ -1,0 +1,33 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from sftpipe.components.images import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def finetune(
+    train: Input[Dataset],
+    validation: Input[Dataset],
+    base_model: str,
+    learning_rate: float,
+    num_epochs: float,
+    max_steps: int,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    warmup_ratio: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    seed: int,
+    eval_every: int,
+    early_stopping_patience: int,
+    precision: str,
+    log_every: int,
+    experiment: str,
+    pipeline_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Full fine-tune on the assistant tokens; exports the best checkpoint with its tokenizer."""
+    from sftpipe.steps import run_step
+
+    run_step("finetune", **locals())

@@ -1,0 +1,3 @@
+from sftpipe.components.register.component import register
+
+__all__ = ["register"]

@@ -1,0 +1,3 @@
+from sftpipe.components.tokenize.component import tokenize
+
+__all__ = ["tokenize"]

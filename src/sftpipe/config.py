@@ -1,0 +1,241 @@
+"""The one typed configuration of sftpipe.
+
+Every knob lives here once, with its default, its bounds and its help text. Everything else
+derives from it:
+
+- the CLI flags (`sftpipe run --learning-rate 1e-4`, help text = the field description),
+- the pipeline parameters (`sftpipe.pipelines.sft_pipeline` builds its signature from the flat
+  field list, defaults included),
+- the KFP components, which declare the fields their stage needs (no defaults of their own) and
+  rebuild the stage's section model from them, so validation happens in the stage, not in YAML.
+
+Field names are unique across sections, so the pipeline's parameters form one flat namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sftpipe.errors import SftpipeError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    """A group of fields that one stage (or several) consumes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], where: str = "config") -> typing.Self:
+        """Validate `values` (extra keys ignored) into this section, with a one-line error."""
+        picked = {name: values[name] for name in cls.model_fields if name in values}
+        try:
+            return cls.model_validate(picked)
+        except ValidationError as exc:
+            raise SftpipeError(where, _one_line(exc), "see `sftpipe run --help`") from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{field}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class DataConfig(Section):
+    """clean: read raw conversations, normalize, validate, de-duplicate, quarantine."""
+
+    data_uri: str = Field(
+        "",
+        description="Training conversations: a local JSONL file or s3://bucket/key, one JSON "
+        "object per line with OpenAI-style `messages` (system/user/assistant). "
+        "Empty in `sftpipe run` means the bundled chatterbot-corpus demo.",
+    )
+    max_bad_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Fail the clean step when more than this fraction of rows is quarantined "
+        "(duplicates not counted).",
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate conversations after normalization.")
+
+
+class ModelConfig(Section):
+    """The base model every model-using stage starts from."""
+
+    base_model: str = Field(
+        "",
+        description="Base model in Hugging Face format (config, safetensors weights, tokenizer): "
+        "a local directory or an s3://bucket/prefix. Empty in `sftpipe run` means the bundled "
+        "SmolLM2-135M-Instruct.",
+    )
+
+
+class TokenizeConfig(Section):
+    """tokenize: chat template, assistant-only labels, truncation, train/validation split."""
+
+    max_length: int = Field(
+        256, ge=8, le=131072, description="Longest tokenized conversation; longer ones are truncated."
+    )
+    validation_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of conversations held out for validation, chosen by content hash "
+        "(deterministic and stable when rows are added).",
+    )
+    chat_template: str = Field(
+        "",
+        description="Jinja chat template to use instead of the tokenizer's own (needed when the "
+        "tokenizer has none).",
+    )
+
+
+class TrainConfig(Section):
+    """finetune: full fine-tuning of a causal LM on the assistant tokens."""
+
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
+    num_epochs: float = Field(1.0, gt=0.0, description="Passes over the training set.")
+    max_steps: int = Field(
+        0, ge=0, description="Stop after this many optimizer steps (0: run num_epochs)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Conversations per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; the loss is normalized by the "
+        "loss-bearing tokens of all of them together."
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Fraction of steps with linear learning-rate warmup "
+        "before cosine decay."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW weight decay (never applied to biases and norms)."
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, description="Clip the global gradient norm to this (0: no clipping)."
+    )
+    seed: int = Field(42, description="Seed for initialization-free randomness: data order, dropout.")
+    eval_every: int = Field(
+        25, ge=1, description="Compute validation loss every this many optimizer steps."
+    )
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Stop after this many validations without improvement (0: never); "
+        "the best model is the one exported."
+    )
+    precision: Precision = Field(
+        "auto",
+        description="Compute precision: auto picks bf16 autocast on CUDA with bf16 or on CPUs "
+        "with AVX512_BF16/AMX, else fp32.",
+    )
+    log_every: int = Field(5, ge=1, description="Log training metrics every this many steps.")
+
+
+class EvalConfig(Section):
+    """evaluate: base vs tuned on the validation set."""
+
+    eval_batch_size: int = Field(8, ge=1, description="Conversations per evaluation batch.")
+    num_samples: int = Field(
+        6, ge=0, description="Validation prompts answered by both models in the report."
+    )
+    max_new_tokens: int = Field(
+        48, ge=1, le=4096, description="Generation budget per sample answer (greedy)."
+    )
+
+
+class RegisterConfig(Section):
+    """register: log the tuned model to MLflow and register it if it beats the base."""
+
+    model_name: str = Field(
+        "sftpipe-chat", min_length=1, description="Registered model name in the MLflow registry."
+    )
+    min_improvement: float = Field(
+        0.0,
+        description="Register only when the tuned validation loss is lower than the base's by "
+        "more than this.",
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow tracking shared by every stage (the server itself comes from MLFLOW_TRACKING_URI)."""
+
+    experiment: str = Field("sftpipe", min_length=1, description="MLflow experiment name.")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "tokenize": TokenizeConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "registry": RegisterConfig,
+    "tracking": TrackingConfig,
+}
+
+
+class PipelineConfig(BaseModel):
+    """All sections together: what a pipeline run is parameterized by."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    registry: RegisterConfig = RegisterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> PipelineConfig:
+        """Build from flat `{field: value}` (pipeline parameters, CLI flags); unknown keys fail."""
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise SftpipeError(
+                "config", f"unknown parameter(s) {sorted(unknown)}", "see `sftpipe run --help`"
+            )
+        return cls(**{name: section.from_values(values) for name, section in SECTIONS.items()})
+
+    def flat(self) -> dict[str, Any]:
+        """`{field: value}` over every section, in declaration order."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(getattr(self, name).model_dump())
+        return out
+
+    def digest(self) -> str:
+        """A stable hash of every knob, recorded as lineage on the registered model."""
+        blob = json.dumps(self.flat(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def kfp_type(annotation: Any) -> type:
+    """The KFP parameter type (str/int/float/bool) for a field annotation."""
+    if typing.get_origin(annotation) is Literal:
+        return type(typing.get_args(annotation)[0])
+    if annotation in (str, int, float, bool):
+        return annotation
+    raise TypeError(f"config fields must be str/int/float/bool or a Literal, not {annotation!r}")
+
+
+def _collect_fields() -> dict[str, tuple[str, Any]]:
+    fields: dict[str, tuple[str, Any]] = {}
+    for section_name, section in SECTIONS.items():
+        for name, info in section.model_fields.items():
+            if name in fields:
+                raise TypeError(f"config field {name!r} is defined twice; names must be unique")
+            kfp_type(info.annotation)
+            fields[name] = (section_name, info)
+    return fields
+
+
+FIELDS: dict[str, tuple[str, Any]] = _collect_fields()
+"""Every field: name -> (section name, pydantic FieldInfo), in declaration order."""

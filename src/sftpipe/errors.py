@@ -1,0 +1,15 @@
+"""The one exception type users see: a single line naming the source and the fix."""
+
+
+class SftpipeError(Exception):
+    """A user-facing error. Its message is one line: what is wrong, where, and what to do.
+
+    The CLI and the KFP components print it without a traceback.
+    """
+
+    def __init__(self, where: str, problem: str, fix: str = "") -> None:
+        self.where, self.problem, self.fix = where, problem, fix
+        message = f"{where}: {problem}" if where else problem
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)

@@ -1,0 +1,118 @@
+"""Causal-LM math shared by finetune and evaluate: batching, token-summed loss, precision."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized rows into tensors. Padding is excluded by the attention
+    mask and by IGNORE_INDEX labels, never by token id (pad may equal end-of-turn)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _projects_hidden_states_directly(model: Any) -> bool:
+    """Whether logits are just lm_head(hidden): then only loss-bearing positions need the
+    vocabulary projection, which is most of the compute for small models with big vocabularies.
+    Models that scale or soft-cap logits take the plain forward path."""
+    config = model.config
+    return (
+        model.base_model is not model
+        and model.get_output_embeddings() is not None
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) in (None, 1.0)
+    )
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over loss-bearing positions, and their count.
+
+    Summing (not averaging) lets the caller normalize by the loss-bearing tokens of a whole
+    gradient-accumulation window, so micro-batching never changes the gradient.
+    """
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    if _projects_hidden_states_directly(model):
+        hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
+        logits = model.get_output_embeddings()(hidden)
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+@torch.no_grad()
+def mean_loss(model: Any, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
+              device: torch.device, dtype: torch.dtype | None) -> float:
+    """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    # Sorting by length keeps padding low; the result does not depend on the order.
+    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+    for chunk in batches(ordered, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        with autocast(device, dtype):
+            loss, n = loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,77 @@
+"""`sftpipe run`: the whole pipeline on this machine with KFP's local runner.
+
+The same `@dsl.pipeline` that is compiled for a cluster runs here with
+`kfp.local.SubprocessRunner(use_venv=False)`: every step is a subprocess of this Python
+environment, artifacts land under `<workdir>/pipeline_root`, and MLflow tracks into a SQLite
+store at `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI points elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftpipe.config import PipelineConfig
+
+DEFAULT_WORKDIR = Path(".sftpipe")
+
+
+def cache_dir() -> Path:
+    """Where converted demo models and data are kept between runs."""
+    root = os.environ.get("SFTPIPE_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftpipe"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    model_uri: str
+    tracking_uri: str
+    seconds: float
+    pipeline_root: Path
+
+
+def with_demo_defaults(config: PipelineConfig) -> PipelineConfig:
+    """Fill an empty data_uri / base_model with the bundled demo (converted once, cached)."""
+    from sftpipe import demo
+
+    values = config.flat()
+    if not values["data_uri"]:
+        values["data_uri"] = str(demo.prepare_demo_data(cache_dir()))
+    if not values["base_model"]:
+        values["base_model"] = str(demo.prepare_demo_model(cache_dir()))
+    return PipelineConfig.from_flat(values)
+
+
+def prepare_tracking(workdir: Path, experiment: str) -> str:
+    """Use MLFLOW_TRACKING_URI if set, else a SQLite store in the workdir; make sure the
+    experiment exists with its artifacts in the workdir (not the steps' working directory)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if uri.startswith("sqlite:") and client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=(workdir / "mlartifacts").as_uri())
+    return uri
+
+
+def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalRun:
+    from kfp import local
+
+    from sftpipe.pipelines.sft_pipeline import sft_pipeline
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = prepare_tracking(workdir, config.tracking.experiment)
+    pipeline_root = workdir / "pipeline_root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    start = time.perf_counter()
+    task = sft_pipeline(**config.flat())
+    return LocalRun(task.output, tracking_uri, time.perf_counter() - start, pipeline_root)

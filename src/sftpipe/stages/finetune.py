@@ -1,0 +1,214 @@
+"""finetune: full fine-tuning of a causal LM on the assistant tokens of tokenized chats.
+
+Supports:
+- AdamW (no weight decay on biases and norms), linear warmup then cosine decay to 10% of peak;
+- gradient accumulation with the loss normalized by the loss-bearing tokens of the whole
+  accumulation window (N micro-batches of 1 give the gradient of one batch of N);
+- gradient clipping, a fixed seed and a deterministic data order;
+- bf16/fp16 autocast (bf16 on CPUs with AVX512_BF16, where it is ~4x fp32 matmul);
+- validation loss every `eval_every` steps, early stopping with patience; the best model (by
+  validation loss) is the one exported, with its tokenizer, as a save_pretrained directory.
+
+setup -> train -> export, in one readable loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftpipe import lm, models, storage
+from sftpipe.config import TrainConfig
+from sftpipe.errors import SftpipeError
+from sftpipe.progress import Progress, format_duration
+from sftpipe.stages.tokenize import read_parquet
+
+TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    epochs: float = 0.0
+    train_loss: float = float("nan")
+    best_validation_loss: float = float("inf")
+    best_step: int = 0
+    stopped_early: bool = False
+    tokens: int = 0
+    loss_tokens: int = 0
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    precision: str = "fp32"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        skip = {"history", "precision"}
+        return {k: float(v) for k, v in asdict(self).items() if k not in skip}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases and norm weights (1-D tensors) keep their scale."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    keep = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup to 1, then cosine decay to `floor` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def shuffled_micro_batches(
+    rows: Sequence[dict[str, Any]], size: int, seed: int
+) -> Iterator[Sequence[dict[str, Any]]]:
+    """Micro-batches over endless epochs, each epoch in a seed-determined order."""
+    epoch = 0
+    while True:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(order), size):
+            yield [rows[i] for i in order[start : start + size]]
+        epoch += 1
+
+
+def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    largest = max(max(row["input_ids"]) for row in rows)
+    if largest >= vocab:
+        raise SftpipeError(where, f"token id {largest} is outside the model's vocabulary ({vocab})",
+                           "tokenize with the same base model you fine-tune")
+
+
+def run(config: TrainConfig, base_model: str, train_path: str | Path,
+        validation_path: str | Path, output_dir: str | Path, tracker: Any = None) -> TrainReport:
+    # --- setup ---------------------------------------------------------------------------
+    torch.manual_seed(config.seed)
+    device = lm.default_device()
+    dtype = lm.autocast_dtype(config.precision, device)
+    model_dir = models.fetch(base_model)
+    tokenizer = models.load_tokenizer(model_dir, base_model)
+    model = models.load_causal_lm(model_dir, base_model).to(device)
+    model.config.use_cache = False
+    train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
+    if not train_rows or not validation_rows:
+        raise SftpipeError(str(train_path), "empty training or validation split",
+                           "check the tokenize step's metrics")
+    check_data_fits_model(train_rows + validation_rows, model, str(train_path))
+
+    window = config.micro_batch_size * config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_rows) / window)
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    warmup = int(config.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
+                                  lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup))
+    micro_batches = shuffled_micro_batches(train_rows, config.micro_batch_size, config.seed)
+    pad_id = tokenizer.pad_token_id
+
+    report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
+    if tracker:
+        tracker.log_params({f"train.{k}": v for k, v in config.model_dump().items()}
+                           | {"train.device": device.type, "train.autocast": report.precision,
+                              "train.total_steps": total_steps, "train.train_rows": len(train_rows),
+                              "train.parameters": sum(p.numel() for p in model.parameters())})
+
+    def validate(step: int) -> float:
+        loss = lm.mean_loss(model, validation_rows, pad_id, config.micro_batch_size, device, dtype)
+        report.history.append({"step": step, "validation_loss": loss})
+        if tracker:
+            tracker.log_metrics({"validation_loss": loss}, step)
+        return loss
+
+    # --- train -----------------------------------------------------------------------------
+    print(f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {device.type}, "
+          f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
+          "validation conversations", flush=True)
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    report.best_validation_loss = validate(0)
+    stale_validations = 0
+    progress = Progress("finetune", total_steps, "steps")
+    window_seconds, window_tokens = 0.0, 0
+    model.train()
+    for step in range(1, total_steps + 1):
+        step_start = time.perf_counter()
+        window_batches = [next(micro_batches) for _ in range(config.gradient_accumulation_steps)]
+        window_loss_tokens = sum(row["num_loss_tokens"] for b in window_batches for row in b)
+        loss_total = 0.0
+        for rows in window_batches:
+            batch = {k: v.to(device) for k, v in lm.collate(rows, pad_id).items()}
+            with lm.autocast(device, dtype):
+                loss, _ = lm.loss_sum(model, batch)
+            (loss / window_loss_tokens).backward()
+            loss_total += float(loss)
+            window_tokens += sum(row["num_tokens"] for row in rows)
+            report.tokens += sum(row["num_tokens"] for row in rows)
+        loss_value = loss_total / window_loss_tokens
+        if not math.isfinite(loss_value):
+            raise SftpipeError("finetune", f"loss is {loss_value} at step {step}",
+                               "lower --learning-rate or use --precision fp32")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        report.steps, report.train_loss = step, loss_value
+        report.loss_tokens += window_loss_tokens
+        window_seconds += time.perf_counter() - step_start
+
+        if step % config.log_every == 0 or step == total_steps:
+            tokens_per_second = window_tokens / window_seconds
+            report.seconds += window_seconds
+            metrics = {"train_loss": loss_value, "learning_rate": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_second": tokens_per_second}
+            report.history.append({"step": step} | metrics)
+            if tracker:
+                tracker.log_metrics(metrics, step)
+            progress.update(step, f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
+                                  f"{tokens_per_second:.0f} tok/s")
+            window_seconds, window_tokens = 0.0, 0
+
+        if step % config.eval_every == 0 or step == total_steps:
+            validation_loss = validate(step)
+            if validation_loss < report.best_validation_loss:
+                report.best_validation_loss, report.best_step = validation_loss, step
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                stale_validations = 0
+            else:
+                stale_validations += 1
+            print(f"[finetune] step {step}: validation loss {validation_loss:.4f} "
+                  f"(best {report.best_validation_loss:.4f} at step {report.best_step})", flush=True)
+            if config.early_stopping_patience and stale_validations >= config.early_stopping_patience:
+                report.stopped_early = True
+                print(f"[finetune] early stop: no improvement in {stale_validations} validations",
+                      flush=True)
+                break
+
+    report.seconds += window_seconds  # training time only; validation is not counted
+    report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
+    report.epochs = report.steps * window / len(train_rows)
+    print(f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
+          f"{report.tokens_per_second:.0f} tok/s, best validation loss "
+          f"{report.best_validation_loss:.4f} (step {report.best_step})", flush=True)
+
+    # --- export ----------------------------------------------------------------------------
+    model.load_state_dict(best_state)
+    with storage.atomic_dir(output_dir) as tmp:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
+    if tracker:
+        tracker.log_metrics({"best_validation_loss": report.best_validation_loss,
+                             "train_tokens_per_second": report.tokens_per_second})
+    return report

@@ -1,0 +1,180 @@
+"""Reading and writing local paths and s3:// URIs, and publishing outputs atomically.
+
+S3 settings come from the standard environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and
+an endpoint in AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL (MinIO,
+SeaweedFS and other S3-compatible stores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+from sftpipe.errors import SftpipeError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key/part` -> (`bucket`, `key/part`)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise SftpipeError(uri, "no bucket in the URI", "write it as s3://bucket/key")
+    return bucket, key
+
+
+@cache
+def s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    )
+    # Object stores drop connections under load; the standard retry mode backs off and retries
+    # throttling and transient errors.
+    config = Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def _s3_error(uri: str, exc: Exception) -> SftpipeError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    fixes = {
+        "NoSuchBucket": ("bucket does not exist", "create it or fix the bucket name"),
+        "NoSuchKey": ("no such object", "check the key; list it with `aws s3 ls`"),
+        "404": ("no such object", "check the key; list it with `aws s3 ls`"),
+        "AccessDenied": ("access denied", "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+        "403": ("access denied", "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+        "InvalidAccessKeyId": ("unknown access key", "check AWS_ACCESS_KEY_ID"),
+        "SignatureDoesNotMatch": ("wrong secret key", "check AWS_SECRET_ACCESS_KEY"),
+    }
+    problem, fix = fixes.get(code, (f"S3 request failed ({code}: {exc})", "check the endpoint"))
+    return SftpipeError(uri, problem, fix)
+
+
+def _s3_call(uri: str, fn: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except ClientError as exc:
+        raise _s3_error(uri, exc) from None
+    except BotoCoreError as exc:
+        raise SftpipeError(uri, f"cannot reach the object store ({exc})",
+                           "check AWS_ENDPOINT_URL and that the server is up") from None
+
+
+def open_binary(uri: str) -> IO[bytes]:
+    """A readable binary stream over a local file or an S3 object (streamed, not buffered)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)["Body"]
+    path = Path(uri)
+    if not path.is_file():
+        raise SftpipeError(uri, "no such file", "check the path")
+    return path.open("rb")
+
+
+def iter_lines(uri: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without the newline) for every line of a file or object."""
+    with contextlib.closing(open_binary(uri)) as stream:
+        lines = stream.iter_lines(chunk_size=1 << 16) if is_s3(uri) else stream
+        for number, line in enumerate(lines, start=1):
+            yield number, line.rstrip(b"\r\n")
+
+
+def upload_file(path: Path, uri: str) -> None:
+    bucket, key = split_s3(uri)
+    _s3_call(uri, s3_client().upload_file, Filename=str(path), Bucket=bucket, Key=key)
+
+
+def list_objects(uri: str) -> list[str]:
+    """Keys under an s3:// prefix (as a folder: a trailing slash is implied)."""
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    keys: list[str] = []
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = _s3_call(uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
+    for page in pages:
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return keys
+
+
+def upload_dir(path: Path, uri: str) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        upload_file(file, f"{uri.rstrip('/')}/{file.relative_to(path).as_posix()}")
+
+
+def local_dir(uri: str, cache_root: Path | None = None, skip_suffixes: tuple[str, ...] = ()) -> Path:
+    """A local directory holding the folder at `uri`: the path itself, or a download of an S3
+    prefix (without files ending in `skip_suffixes`) into `cache_root` (default: a temporary
+    directory)."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            raise SftpipeError(uri, "no such directory", "check the path")
+        return path
+    bucket, prefix = split_s3(uri)
+    keys = list_objects(uri)
+    if not keys:
+        raise SftpipeError(uri, "no objects under this prefix", "check the bucket and prefix")
+    dest = Path(tempfile.mkdtemp(prefix="sftpipe-", dir=cache_root))
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    for key in keys:
+        if key.endswith(skip_suffixes):
+            continue
+        target = dest / key[len(base) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _s3_call(uri, s3_client().download_file, Bucket=bucket, Key=key, Filename=str(target))
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write to a temporary sibling and rename it over `path` only when the block succeeds, so a
+    failed step never leaves a complete-looking output behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with tmp.open(mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a temporary sibling directory, then move it to `path` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

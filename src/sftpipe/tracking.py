@@ -1,0 +1,83 @@
+"""MLflow tracking: one MLflow run per pipeline run, shared by its stages.
+
+The server comes from MLFLOW_TRACKING_URI (set by `sftpipe run` locally, by a ConfigMap or
+Secret on a cluster). Each stage finds the MLflow run tagged with the pipeline's run id, or
+creates it, and logs into it, so a pipeline run reads as one MLflow run: params of every stage,
+step metrics of finetune, evaluation metrics and the reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sftpipe.errors import SftpipeError
+
+PIPELINE_RUN_TAG = "sftpipe.pipeline_run_id"
+
+
+class Tracker:
+    """Logs to the MLflow run of a pipeline run."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str) -> None:
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def open_run(experiment: str, pipeline_run_id: str, run_name: str = "") -> Tracker:
+    """The MLflow run of this pipeline run (created on first use)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise SftpipeError("MLFLOW_TRACKING_URI", "not set",
+                           "point it at the MLflow server, e.g. http://mlflow:5000")
+    client = MlflowClient()
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        runs = client.search_runs(
+            [experiment_id], f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
+        )
+        if runs:
+            return Tracker(client, runs[0].info.run_id, experiment_id)
+        run = client.create_run(experiment_id, run_name=run_name or None,
+                                tags={PIPELINE_RUN_TAG: pipeline_run_id})
+    except Exception as exc:  # MLflow raises MlflowException, requests and OS errors alike
+        raise SftpipeError(uri, f"MLflow is unreachable or refused the request ({exc})",
+                           "check MLFLOW_TRACKING_URI and that the server is up") from None
+    return Tracker(client, run.info.run_id, experiment_id)
+
+
+def model_version_url(name: str, version: str) -> str:
+    """Where a person browses a model version: the server's UI, or how to start one."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    page = f"#/models/{name}/versions/{version}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}` then http://127.0.0.1:5000/{page}"
