@@ -9,13 +9,14 @@ def clean(
     data_uri: str,
     max_bad_fraction: float,
     dedupe: bool,
-    experiment: str,
+    mlflow_experiment: str,
     pipeline_run_id: str,
     cleaned: Output[Dataset],
     quarantine: Output[Dataset],
     metrics: Output[Metrics],
 ):
     """Normalize and validate raw chat JSONL; quarantine bad rows with a reason."""
+    inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 
-    run_step("clean", **locals())
+    run_step("clean", **inputs)

@@ -12,12 +12,13 @@ def evaluate(
     eval_batch_size: int,
     num_samples: int,
     max_new_tokens: int,
-    experiment: str,
+    mlflow_experiment: str,
     pipeline_run_id: str,
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
     """Validation loss/perplexity and greedy sample answers, base vs tuned; an HTML report."""
+    inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 
-    run_step("evaluate", **locals())
+    run_step("evaluate", **inputs)

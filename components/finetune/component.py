@@ -22,12 +22,13 @@ def finetune(
     early_stopping_patience: int,
     precision: str,
     log_every: int,
-    experiment: str,
+    mlflow_experiment: str,
     pipeline_run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
     """Full fine-tune on the assistant tokens; exports the best checkpoint with its tokenizer."""
+    inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 
-    run_step("finetune", **locals())
+    run_step("finetune", **inputs)

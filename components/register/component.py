@@ -13,11 +13,12 @@ def register(
     model_name: str,
     min_improvement: float,
     max_new_tokens: int,
-    experiment: str,
+    mlflow_experiment: str,
     pipeline_run_id: str,
 ) -> str:
     """Log the model to MLflow and register it (alias `challenger`) when it beats the base.
     Returns the model URI, or "" when the gate refused it."""
+    inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 
-    return run_step("register", **locals())
+    return run_step("register", **inputs)

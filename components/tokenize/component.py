@@ -11,7 +11,7 @@ def tokenize(
     max_length: int,
     validation_fraction: float,
     chat_template: str,
-    experiment: str,
+    mlflow_experiment: str,
     pipeline_run_id: str,
     train: Output[Dataset],
     validation: Output[Dataset],
@@ -19,6 +19,7 @@ def tokenize(
     metrics: Output[Metrics],
 ):
     """Apply the chat template, label assistant tokens only, split train/validation by hash."""
+    inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 
-    run_step("tokenize", **locals())
+    run_step("tokenize", **inputs)

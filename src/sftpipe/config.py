@@ -167,7 +167,9 @@ class RegisterConfig(Section):
 class TrackingConfig(Section):
     """MLflow tracking shared by every stage (the server itself comes from MLFLOW_TRACKING_URI)."""
 
-    experiment: str = Field("sftpipe", min_length=1, description="MLflow experiment name.")
+    mlflow_experiment: str = Field(
+        "sftpipe", min_length=1, description="MLflow experiment that records every run."
+    )
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -68,7 +68,7 @@ def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalR
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = prepare_tracking(workdir, config.tracking.experiment)
+    tracking_uri = prepare_tracking(workdir, config.tracking.mlflow_experiment)
     pipeline_root = workdir / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)

@@ -50,7 +50,7 @@ def run_step(step: str, **inputs: Any) -> Any:
 
 
 def _tracker(params: dict[str, Any], *sections: Any) -> tracking.Tracker:
-    experiment = TrackingConfig.from_values(params).experiment
+    experiment = TrackingConfig.from_values(params).mlflow_experiment
     tracker = tracking.open_run(experiment, params["pipeline_run_id"],
                                 run_name=f"sftpipe-{params['pipeline_run_id']}")
     tracker.log_params({f"config.{k}": v for s in sections for k, v in s.model_dump().items()})

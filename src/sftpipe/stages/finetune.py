@@ -150,7 +150,7 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
             with lm.autocast(device, dtype):
                 loss, _ = lm.loss_sum(model, batch)
             (loss / window_loss_tokens).backward()
-            loss_total += float(loss)
+            loss_total += float(loss.detach())
             window_tokens += sum(row["num_tokens"] for row in rows)
             report.tokens += sum(row["num_tokens"] for row in rows)
         loss_value = loss_total / window_loss_tokens
