@@ -53,6 +53,29 @@ class TrainReport:
         return {k: float(v) for k, v in asdict(self).items() if k not in skip}
 
 
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation loss; `stop` turns true after `patience` validations in a
+    row without improvement (never when patience is 0)."""
+
+    patience: int
+    best: float = float("inf")
+    best_step: int = 0
+    stale: int = 0
+
+    def update(self, loss: float, step: int) -> bool:
+        """Record a validation loss; returns whether it is a new best."""
+        if loss < self.best:
+            self.best, self.best_step, self.stale = loss, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases and norm weights (1-D tensors) keep their scale."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -134,9 +157,9 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
     print(f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {device.type}, "
           f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
           "validation conversations", flush=True)
+    early_stopping = EarlyStopping(config.early_stopping_patience)
+    early_stopping.update(validate(0), step=0)
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    report.best_validation_loss = validate(0)
-    stale_validations = 0
     progress = Progress("finetune", total_steps, "steps")
     window_seconds, window_tokens = 0.0, 0
     model.train()
@@ -180,21 +203,18 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
 
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
-            if validation_loss < report.best_validation_loss:
-                report.best_validation_loss, report.best_step = validation_loss, step
+            if early_stopping.update(validation_loss, step):
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                stale_validations = 0
-            else:
-                stale_validations += 1
-            print(f"[finetune] step {step}: validation loss {validation_loss:.4f} "
-                  f"(best {report.best_validation_loss:.4f} at step {report.best_step})", flush=True)
-            if config.early_stopping_patience and stale_validations >= config.early_stopping_patience:
+            print(f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
+                  f"{early_stopping.best:.4f} at step {early_stopping.best_step})", flush=True)
+            if early_stopping.stop:
                 report.stopped_early = True
-                print(f"[finetune] early stop: no improvement in {stale_validations} validations",
-                      flush=True)
+                print(f"[finetune] early stop: no improvement in {early_stopping.stale} "
+                      "validations", flush=True)
                 break
 
     report.seconds += window_seconds  # training time only; validation is not counted
+    report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
     report.epochs = report.steps * window / len(train_rows)
     print(f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "

@@ -1,0 +1,131 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftpipe import lm
+from sftpipe.config import TokenizeConfig, TrainConfig
+from sftpipe.errors import SftpipeError
+from sftpipe.models import load_causal_lm, load_tokenizer
+from sftpipe.stages import finetune, tokenize
+from sftpipe.stages.clean import conversation_id
+from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_model_dir, tmp_path_factory):
+    """Train/validation Parquet of 40 short arithmetic chats of varied length."""
+    tmp = tmp_path_factory.mktemp("tokenized")
+    with (tmp / "cleaned.jsonl").open("w") as handle:
+        for i in range(40):
+            messages = [{"role": "user", "content": f"What is {i} plus {i}?" + " Please." * (i % 4)},
+                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+            row = {"id": conversation_id(messages), "messages": messages, "source": f"x:{i}"}
+            handle.write(json.dumps(row) + "\n")
+    tokenize.run(TokenizeConfig(max_length=64, validation_fraction=0.2), str(tiny_model_dir),
+                 tmp / "cleaned.jsonl", tmp / "train.parquet", tmp / "val.parquet", tmp / "q.jsonl")
+    return tmp / "train.parquet", tmp / "val.parquet"
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_accumulation_matches_one_big_batch(tiny_model_dir, tokenized, tmp_path):
+    """4 micro-batches of 1 must give the same update as 1 batch of 4: the loss is normalized
+    by the loss-bearing tokens of the whole window, not averaged per micro-batch."""
+    common = dict(max_steps=3, learning_rate=1e-3, precision="fp32", eval_every=100,
+                  early_stopping_patience=0, warmup_ratio=0.0)
+    big = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=1, **common)
+    small = TrainConfig(micro_batch_size=1, gradient_accumulation_steps=4, **common)
+    finetune.run(big, str(tiny_model_dir), *tokenized, tmp_path / "big")
+    finetune.run(small, str(tiny_model_dir), *tokenized, tmp_path / "small")
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "small")
+    base = weights(tiny_model_dir)
+    for name in a:
+        assert not torch.equal(a[name], base[name]) or "norm" in name
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
+
+
+def test_naive_per_micro_batch_mean_would_differ(tiny_model_dir, tokenized):
+    """The test above can fail: averaging per micro-batch gives another gradient."""
+    rows = tokenize.read_parquet(tokenized[0])[:4]
+    assert len({r["num_loss_tokens"] for r in rows}) > 1
+    model = load_causal_lm(tiny_model_dir)
+    pad = load_tokenizer(tiny_model_dir).pad_token_id
+
+    def grads(chunks, normalize):
+        model.zero_grad()
+        for chunk in chunks:
+            loss, n = lm.loss_sum(model, lm.collate(chunk, pad))
+            (loss / normalize(n)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    total = sum(r["num_loss_tokens"] for r in rows)
+    batch = grads([rows], lambda n: total)
+    window = grads([[r] for r in rows], lambda n: total)
+    naive = grads([[r] for r in rows], lambda n: n * len(rows))
+    torch.testing.assert_close(batch, window, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(batch, naive, atol=1e-6, rtol=1e-4)
+
+
+def test_training_lowers_validation_loss_and_exports_best(tiny_model_dir, tokenized, tmp_path):
+    config = TrainConfig(max_steps=24, learning_rate=3e-3, micro_batch_size=8, eval_every=8)
+    report = finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "out")
+    history = [h for h in report.history if "validation_loss" in h]
+    assert [h["step"] for h in history] == [0, 8, 16, 24]
+    assert report.best_validation_loss < history[0]["validation_loss"] - 1.0
+    assert report.tokens_per_second > 0 and report.loss_tokens > 0
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    logged = json.loads((out / TRAINING_LOG).read_text())
+    assert logged["best_step"] == report.best_step
+    # What was exported is the best model: its validation loss is the best one.
+    model, tokenizer = load_causal_lm(out), load_tokenizer(out)
+    rows = tokenize.read_parquet(tokenized[1])
+    loss = lm.mean_loss(model, rows, tokenizer.pad_token_id, 8, torch.device("cpu"),
+                        lm.autocast_dtype(config.precision, torch.device("cpu")))
+    assert loss == pytest.approx(report.best_validation_loss, rel=1e-3)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_early_stopping_patience():
+    stopper = EarlyStopping(patience=2)
+    assert stopper.update(3.0, 0) and stopper.update(2.0, 1)
+    assert not stopper.update(2.5, 2) and not stopper.stop
+    assert not stopper.update(2.0, 3) and stopper.stop
+    assert (stopper.best, stopper.best_step) == (2.0, 1)
+    assert not EarlyStopping(patience=0).stop
+
+
+def test_schedule_warms_up_then_decays():
+    factors = [lr_factor(step, total=20, warmup=4) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+    assert factors[-1] == pytest.approx(0.1)
+
+
+def test_bad_inputs_fail_before_training(tiny_model_dir, tokenized, tmp_path):
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(SftpipeError, match="no weights"):
+        finetune.run(TrainConfig(max_steps=1), str(no_weights), *tokenized, tmp_path / "o1")
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SftpipeError, match="cannot load the model"):
+        finetune.run(TrainConfig(max_steps=1), str(corrupt), *tokenized, tmp_path / "o2")
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tokenized[0]).to_pylist()
+    table[0]["input_ids"] = [10**6] * len(table[0]["input_ids"])
+    tokenize._write_parquet(table, tmp_path / "alien.parquet")
+    with pytest.raises(SftpipeError, match="outside the model's vocabulary"):
+        finetune.run(TrainConfig(max_steps=1), str(tiny_model_dir), tmp_path / "alien.parquet",
+                     tokenized[1], tmp_path / "o3")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
