@@ -33,7 +33,8 @@ def assert_chat_rows(rows: list[dict[str, Any]], categories: set[str]) -> None:
     for row in rows:
         assert set(row) == {"messages", "category"}
         assert row["category"] in categories
-        messages = row["messages"]
+        assert row["messages"][0] == {"role": "system", "content": demo.SYSTEM_PROMPT}
+        messages = row["messages"][1:]
         assert len(messages) >= 2 and len(messages) % 2 == 0
         for i, message in enumerate(messages):
             assert set(message) == {"role", "content"}
@@ -60,7 +61,7 @@ def test_english_data_is_chat_jsonl(english: Path) -> None:
     assert_chat_rows(rows, stems)
     # The corpus as installed (chatterbot-corpus 1.3.3): 2,026 conversations, one malformed.
     assert len(rows) == 2025
-    assert rows[0]["messages"][0] == {"role": "user", "content": "What is AI?"}
+    assert rows[0]["messages"][1] == {"role": "user", "content": "What is AI?"}
     assert rows[0]["category"] == "ai"
     # Files in sorted order, conversations in file order.
     order = [row["category"] for row in rows]
@@ -71,8 +72,8 @@ def test_english_manifest_counts_what_was_written(english: Path) -> None:
     rows = read_rows(english)
     info = manifest(english.parent)
     assert info["conversations"] == len(rows)
-    assert info["turns"] == sum(len(r["messages"]) for r in rows)
-    assert info["characters"] == sum(len(m["content"]) for r in rows for m in r["messages"])
+    assert info["turns"] == sum(len(r["messages"]) - 1 for r in rows)
+    assert info["characters"] == sum(len(m["content"]) for r in rows for m in r["messages"][1:])
     assert info["skipped"] == {"not a list of turns": 1}  # english/trivia.yml, see demo.py
     assert info["trailing_user_turns_dropped"] > 0
     assert info["exact_duplicates"] > 1000  # tech_support.yml repeats 10 dialogs
@@ -156,9 +157,9 @@ def test_odd_yaml_is_kept_as_text_or_skipped_and_counted(tmp_path: Path) -> None
     (tmp_path / "b.yml").write_text("categories: [b]\nconversations:\n- - x\n  - y\n",
                                     encoding="utf-8")
     rows, stats = demo.convert_corpus(sorted(tmp_path.glob("*.yml")))
-    answers = [r["messages"][1]["content"] for r in rows]
+    answers = [r["messages"][2]["content"] for r in rows]
     assert answers == ["1969", "yes", "2001-01-01", "~", "Hello", "y"]
-    assert rows[4]["messages"] == [{"role": "user", "content": "Hi"},
+    assert rows[4]["messages"][1:] == [{"role": "user", "content": "Hi"},
                                    {"role": "assistant", "content": "Hello"}]
     assert [r["category"] for r in rows] == ["a"] * 5 + ["b"]
     assert stats["skipped"] == {"not a list of turns": 1, "a turn is not text": 1,

@@ -44,7 +44,7 @@ CORPUS_INSTALL = "pip install chatterbot-corpus==1.3.3"
 
 # Bump when the output of a converter changes: older caches are then rebuilt, not reused.
 MODEL_FORMAT = 1
-DATA_FORMAT = 1
+DATA_FORMAT = 2
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHECK_QUESTION = "What is the capital of France?"
@@ -306,6 +306,9 @@ def _verify_checkpoint(out: Path, reference: Any, where: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 DATA_FILENAME = "conversations.jsonl"
+# A short system prompt of our own: without one, SmolLM2's template inserts its ~30-token
+# default, which would be over a third of every demo conversation's tokens.
+SYSTEM_PROMPT = "You are a friendly chatbot."
 
 
 def corpus_languages() -> list[str]:
@@ -420,13 +423,14 @@ def convert_corpus(files: list[Path], limit: int | None = None
             if not turns:
                 skipped["no assistant reply"] += 1
                 continue
-            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text}
-                        for i, text in enumerate(turns)]
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+            messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": text}
+                         for i, text in enumerate(turns)]
             rows.append({"messages": messages, "category": file.stem})
     stats = {
         "conversations": len(rows),
-        "turns": sum(len(row["messages"]) for row in rows),
-        "characters": sum(len(m["content"]) for row in rows for m in row["messages"]),
+        "turns": sum(len(row["messages"]) - 1 for row in rows),
+        "characters": sum(len(m["content"]) for row in rows for m in row["messages"][1:]),
         "skipped": dict(sorted(skipped.items())),
         "trailing_user_turns_dropped": trailing,
         # Kept (the clean stage de-duplicates) but counted: english/tech_support.yml repeats
