@@ -12,4 +12,5 @@ class SftpipeError(Exception):
         message = f"{where}: {problem}" if where else problem
         if fix:
             message += f" ({fix})"
-        super().__init__(message)
+        # One line, always: wrapped library messages may span several.
+        super().__init__(" ".join(message.split()))
