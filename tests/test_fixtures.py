@@ -168,8 +168,7 @@ def test_tiny_model_loads_and_chats(tiny_model_dir: Path) -> None:
         "<|im_start|>user\n你好，你是谁？<|im_end|>\n"
         "<|im_start|>assistant\nI am a helpful assistant.<|im_end|>\n"
     )
-    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.chat_template == CHATML_TEMPLATE
 
@@ -180,8 +179,9 @@ def test_tiny_model_loads_and_chats(tiny_model_dir: Path) -> None:
     assert tokenizer.decode(ids) == text
     assert len(ids) < len(text.encode())  # the BPE merged something
 
-    inputs = tokenizer.apply_chat_template(MESSAGES[:2], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        MESSAGES[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4

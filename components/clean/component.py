@@ -1,6 +1,5 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Metrics, Output
-
 from sftpipe.components.images import CPU_IMAGE
 
 

@@ -1,6 +1,5 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
-
 from sftpipe.components.images import CPU_IMAGE
 
 

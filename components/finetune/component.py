@@ -1,6 +1,5 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
 from sftpipe.components.images import CUDA_IMAGE
 
 

@@ -1,6 +1,5 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model
-
 from sftpipe.components.images import CPU_IMAGE
 
 

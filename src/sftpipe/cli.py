@@ -11,6 +11,8 @@ its help is the field's description, its default the field's default.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -19,30 +21,49 @@ from typing import Any
 import yaml
 
 from sftpipe.config import FIELDS, SECTIONS, PipelineConfig
-from sftpipe.errors import SftpipeError
+from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
 
 DEFAULT_PACKAGE = Path("sftpipe-sft.yaml")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, grouped by section; unset flags stay None (not overrides)."""
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="YAML file of parameters (flat `name: value`, or by section); "
-                             "flags override it")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of parameters (flat `name: value`, or by section); flags override it",
+    )
     for section_name, section in SECTIONS.items():
         group = parser.add_argument_group(f"{section_name} ({section.__doc__.splitlines()[0]})")
         for name, info in section.model_fields.items():
             flag = "--" + name.replace("_", "-")
             help_text = f"{' '.join(info.description.split())} (default: {info.default!r})"
             if info.annotation is bool:
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=help_text)
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=help_text,
+                )
             elif typing.get_origin(info.annotation) is typing.Literal:
-                group.add_argument(flag, dest=name, choices=typing.get_args(info.annotation),
-                                   default=None, help=help_text)
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    choices=typing.get_args(info.annotation),
+                    default=None,
+                    help=help_text,
+                )
             else:
-                group.add_argument(flag, dest=name, type=info.annotation, default=None,
-                                   metavar=info.annotation.__name__.upper(), help=help_text)
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    type=info.annotation,
+                    default=None,
+                    metavar=info.annotation.__name__.upper(),
+                    help=help_text,
+                )
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -57,9 +78,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise SftpipeError(str(path), f"cannot read the config file ({exc})", "check the path and YAML") from None
+        raise SftpipeError(
+            str(path), f"cannot read the config file ({exc})", "check the path and YAML"
+        ) from None
     if not isinstance(loaded, dict):
-        raise SftpipeError(str(path), "expected a mapping of parameter: value", "see `sftpipe run --help`")
+        raise SftpipeError(
+            str(path), "expected a mapping of parameter: value", "see `sftpipe run --help`"
+        )
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
         if key in SECTIONS and isinstance(value, dict):
@@ -73,8 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sftpipe.local import run_local, with_demo_defaults
 
     config = with_demo_defaults(config_from_args(args))
-    print(f"[sftpipe] data: {config.data.data_uri}\n[sftpipe] base model: {config.model.base_model}",
-          flush=True)
+    print(
+        f"[sftpipe] data: {config.data.data_uri}\n[sftpipe] base model: {config.model.base_model}",
+        flush=True,
+    )
     result = run_local(config, args.workdir)
     print_summary(config, result)
     return 0
@@ -86,17 +113,25 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
     from sftpipe.progress import format_duration
     from sftpipe.tracking import model_version_url
 
-    print(f"\n[sftpipe] pipeline finished in {format_duration(result.seconds)}; "
-          f"artifacts under {result.pipeline_root}")
+    print(
+        f"\n[sftpipe] pipeline finished in {format_duration(result.seconds)}; "
+        f"artifacts under {result.pipeline_root}"
+    )
     name = config.registry.model_name
     if not result.model_uri:
-        print("[sftpipe] the tuned model did not beat the base model: nothing registered "
-              "(see the evaluate report and the MLflow run's sftpipe.gate tag)")
+        print(
+            "[sftpipe] the tuned model did not beat the base model: nothing registered "
+            "(see the evaluate report and the MLflow run's sftpipe.gate tag)"
+        )
     else:
         version = MlflowClient(result.tracking_uri).get_model_version_by_alias(name, "challenger")
         print(f"[sftpipe] registered {name} version {version.version} ({result.model_uri})")
-        for key in ("base_validation_loss", "tuned_validation_loss", "base_perplexity",
-                    "tuned_perplexity"):
+        for key in (
+            "base_validation_loss",
+            "tuned_validation_loss",
+            "base_perplexity",
+            "tuned_perplexity",
+        ):
             if key in version.tags:
                 print(f"    {key:<22} {version.tags[key]}")
         print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
@@ -124,37 +159,60 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         client = kfp.Client(host=args.host, existing_token=args.token or None)
         run = client.create_run_from_pipeline_package(
-            str(package), arguments=config.flat(), experiment_name=args.experiment,
-            run_name=args.run_name or None, enable_caching=None)
+            str(package),
+            arguments=config.flat(),
+            experiment_name=args.experiment,
+            run_name=args.run_name or None,
+            enable_caching=None,
+        )
     except Exception as exc:  # kfp raises ApiException, urllib3 and connection errors
-        raise SftpipeError(args.host, f"the KFP API refused or did not answer ({exc})",
-                           "check --host, --token and that the package compiles") from None
-    print(f"[sftpipe] submitted run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
+        raise SftpipeError(
+            args.host,
+            f"the KFP API refused or did not answer ({exc})",
+            "check --host, --token and that the package compiles",
+        ) from None
+    print(
+        f"[sftpipe] submitted run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftpipe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sftpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
-    run.add_argument("--workdir", type=Path, default=Path(".sftpipe"),
-                     help="pipeline root, MLflow store and run files (default: .sftpipe)")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".sftpipe"),
+        help="pipeline root, MLflow store and run files (default: .sftpipe)",
+    )
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)
 
     comp = commands.add_parser("compile", help="write the pipeline YAML for a cluster")
     comp.add_argument("--output", "-o", type=Path, default=DEFAULT_PACKAGE)
-    comp.add_argument("--no-gpu", action="store_true",
-                      help="leave out the finetune GPU request (kind clusters without GPUs)")
+    comp.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help="leave out the finetune GPU request (kind clusters without GPUs)",
+    )
     comp.set_defaults(handler=cmd_compile)
 
     submit = commands.add_parser("submit", help="submit a run to a KFP API endpoint")
-    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    submit.add_argument(
+        "--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080"
+    )
     submit.add_argument("--token", default="", help="bearer token for the KFP API")
-    submit.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
-                        help="compiled pipeline YAML (compiled first if missing)")
+    submit.add_argument(
+        "--package",
+        type=Path,
+        default=DEFAULT_PACKAGE,
+        help="compiled pipeline YAML (compiled first if missing)",
+    )
     submit.add_argument("--experiment", default="sftpipe", help="KFP experiment name")
     submit.add_argument("--run-name", default="", help="KFP run name")
     add_config_flags(submit)
@@ -170,10 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftpipe: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        # KFP's local runner raises RuntimeError when a step fails; the step already printed
-        # its one-line error above.
-        print(f"sftpipe: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        # KFP's local runner raises RuntimeError when a step fails; the step left its one-line
+        # error in the file `sftpipe run` gave it.
+        print(
+            f"sftpipe: error: {failed_step_error() or _plain(str(exc).splitlines()[0])}",
+            file=sys.stderr,
+        )
         return 1
+
+
+def failed_step_error() -> str:
+    path = os.environ.get(ERROR_FILE_ENV)
+    return Path(path).read_text(encoding="utf-8").strip() if path and Path(path).exists() else ""
+
+
+def _plain(text: str) -> str:
+    """Without terminal colour codes (KFP's local runner colours its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ class DataConfig(Section):
         description="Fail the clean step when more than this fraction of rows is quarantined "
         "(duplicates not counted).",
     )
-    dedupe: bool = Field(True, description="Drop exact duplicate conversations after normalization.")
+    dedupe: bool = Field(
+        True, description="Drop exact duplicate conversations after normalization."
+    )
 
 
 class ModelConfig(Section):
@@ -84,7 +86,10 @@ class TokenizeConfig(Section):
     """tokenize: chat template, assistant-only labels, truncation, train/validation split."""
 
     max_length: int = Field(
-        256, ge=8, le=131072, description="Longest tokenized conversation; longer ones are truncated."
+        256,
+        ge=8,
+        le=131072,
+        description="Longest tokenized conversation; longer ones are truncated.",
     )
     validation_fraction: float = Field(
         0.1,
@@ -110,12 +115,16 @@ class TrainConfig(Section):
     )
     micro_batch_size: int = Field(8, ge=1, description="Conversations per forward/backward pass.")
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches per optimizer step; the loss is normalized by the "
-        "loss-bearing tokens of all of them together."
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step; the loss is normalized by the "
+        "loss-bearing tokens of all of them together.",
     )
     warmup_ratio: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Fraction of steps with linear learning-rate warmup "
-        "before cosine decay."
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of steps with linear learning-rate warmup before cosine decay.",
     )
     weight_decay: float = Field(
         0.0, ge=0.0, description="AdamW weight decay (never applied to biases and norms)."
@@ -123,13 +132,17 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(
         1.0, ge=0.0, description="Clip the global gradient norm to this (0: no clipping)."
     )
-    seed: int = Field(42, description="Seed for initialization-free randomness: data order, dropout.")
+    seed: int = Field(
+        42, description="Seed for initialization-free randomness: data order, dropout."
+    )
     eval_every: int = Field(
         25, ge=1, description="Compute validation loss every this many optimizer steps."
     )
     early_stopping_patience: int = Field(
-        3, ge=0, description="Stop after this many validations without improvement (0: never); "
-        "the best model is the one exported."
+        3,
+        ge=0,
+        description="Stop after this many validations without improvement (0: never); "
+        "the best model is the one exported.",
     )
     precision: Precision = Field(
         "auto",

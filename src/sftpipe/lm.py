@@ -49,8 +49,11 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "use_cache": False}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "use_cache": False,
+    }
     if _projects_hidden_states_directly(model):
         hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
         logits = model.get_output_embeddings()(hidden)
@@ -97,8 +100,14 @@ def batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict
 
 
 @torch.no_grad()
-def mean_loss(model: Any, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
-              device: torch.device, dtype: torch.dtype | None) -> float:
+def mean_loss(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
     """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows`."""
     was_training = model.training
     model.eval()

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftpipe.config import PipelineConfig
+from sftpipe.errors import ERROR_FILE_ENV
 
 DEFAULT_WORKDIR = Path(".sftpipe")
 
 
 def cache_dir() -> Path:
     """Where converted demo models and data are kept between runs."""
-    root = os.environ.get("SFTPIPE_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftpipe"
+    root = (
+        os.environ.get("SFTPIPE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftpipe"
+    )
     return Path(root)
 
 
@@ -70,8 +74,22 @@ def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalR
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = prepare_tracking(workdir, config.tracking.mlflow_experiment)
     pipeline_root = workdir / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
+    # The local runner warns, for every step, that the image and the resource requests (which
+    # matter on a cluster) are ignored here. Say it once instead.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
+    print(
+        "[sftpipe] local run: container images and resource requests apply on a cluster only",
+        flush=True,
+    )
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=True,
+    )
+    error_file = workdir / "last-error.txt"
+    error_file.unlink(missing_ok=True)
+    os.environ[ERROR_FILE_ENV] = str(error_file)
     start = time.perf_counter()
     task = sft_pipeline(**config.flat())
     return LocalRun(task.output, tracking_uri, time.perf_counter() - start, pipeline_root)

@@ -15,8 +15,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def fetch(uri: str, weights: bool = True) -> Path:
     """The model folder at `uri` (local or s3://) as a local path; weights skipped on request."""
     if not uri:
-        raise SftpipeError("base_model", "no base model given",
-                           "pass --base-model DIR or s3://bucket/prefix")
+        raise SftpipeError(
+            "base_model", "no base model given", "pass --base-model DIR or s3://bucket/prefix"
+        )
     return storage.local_dir(uri, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
 
 
@@ -26,21 +27,33 @@ def load_tokenizer(model_dir: Path, uri: str = "", chat_template: str = "") -> A
 
     where = uri or str(model_dir)
     if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
-        raise SftpipeError(where, "no tokenizer files (tokenizer.json or vocab) in the model folder",
-                           "save the tokenizer next to the weights with save_pretrained")
+        raise SftpipeError(
+            where,
+            "no tokenizer files (tokenizer.json or vocab) in the model folder",
+            "save the tokenizer next to the weights with save_pretrained",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # transformers raises many types for a broken tokenizer
-        raise SftpipeError(where, f"cannot load the tokenizer ({type(exc).__name__}: {exc})",
-                           "check the tokenizer files") from None
+        raise SftpipeError(
+            where,
+            f"cannot load the tokenizer ({type(exc).__name__}: {exc})",
+            "check the tokenizer files",
+        ) from None
     if not tokenizer.is_fast:
-        raise SftpipeError(where, "the tokenizer has no fast (Rust) version",
-                           "provide tokenizer.json; offsets are needed for label masks")
+        raise SftpipeError(
+            where,
+            "the tokenizer has no fast (Rust) version",
+            "provide tokenizer.json; offsets are needed for label masks",
+        )
     if chat_template:
         tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:
-        raise SftpipeError(where, "the tokenizer has no chat template",
-                           "pass --chat-template with a Jinja template")
+        raise SftpipeError(
+            where,
+            "the tokenizer has no chat template",
+            "pass --chat-template with a Jinja template",
+        )
     if tokenizer.pad_token is None:
         # Padding positions are masked by the attention mask and labels, never by token id, so
         # any token works as pad; EOS is the conventional choice.
@@ -54,14 +67,21 @@ def load_causal_lm(model_dir: Path, uri: str = "") -> Any:
 
     where = uri or str(model_dir)
     if not (model_dir / "config.json").exists():
-        raise SftpipeError(where, "no config.json in the model folder",
-                           "point at a save_pretrained directory")
+        raise SftpipeError(
+            where, "no config.json in the model folder", "point at a save_pretrained directory"
+        )
     if not any(p.suffix in (".safetensors", ".bin") for p in model_dir.iterdir()):
-        raise SftpipeError(where, "no weights (*.safetensors or *.bin) in the model folder",
-                           "save the model with save_pretrained")
+        raise SftpipeError(
+            where,
+            "no weights (*.safetensors or *.bin) in the model folder",
+            "save the model with save_pretrained",
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     except Exception as exc:  # corrupt or mismatched weights surface as many exception types
-        raise SftpipeError(where, f"cannot load the model ({type(exc).__name__}: {exc})",
-                           "check that the weights match config.json") from None
+        raise SftpipeError(
+            where,
+            f"cannot load the model ({type(exc).__name__}: {exc})",
+            "check that the weights match config.json",
+        ) from None
     return model

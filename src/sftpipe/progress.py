@@ -27,6 +27,8 @@ class Progress:
 
     def update(self, done: int, extra: str = "") -> None:
         rate = done / self.elapsed() if self.elapsed() > 0 else 0.0
-        line = (f"[{self.label}] {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s"
-                f" | ETA {format_duration(self.eta(done))}")
+        line = (
+            f"[{self.label}] {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s"
+            f" | ETA {format_duration(self.eta(done))}"
+        )
         print(f"{line} | {extra}" if extra else line, file=sys.stderr, flush=True)

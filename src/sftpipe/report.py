@@ -44,27 +44,39 @@ def loss_curve_png(history: Sequence[dict[str, float]]) -> bytes:
     return buffer.getvalue()
 
 
-def write_eval_report(path: str | Path, metrics: dict[str, float],
-                      history: Sequence[dict[str, float]], samples: Sequence[Any]) -> None:
+def write_eval_report(
+    path: str | Path,
+    metrics: dict[str, float],
+    history: Sequence[dict[str, float]],
+    samples: Sequence[Any],
+) -> None:
     rows = []
     for name in ("validation_loss", "perplexity"):
         base, tuned = metrics[f"base_{name}"], metrics[f"tuned_{name}"]
         mark = ' class="num better"' if tuned < base else ' class="num"'
-        rows.append(f"<tr><td>{name.replace('_', ' ')}</td><td class=num>{base:.4f}</td>"
-                    f"<td{mark}>{tuned:.4f}</td></tr>")
+        rows.append(
+            f"<tr><td>{name.replace('_', ' ')}</td><td class=num>{base:.4f}</td>"
+            f"<td{mark}>{tuned:.4f}</td></tr>"
+        )
     parts = [
         f"<!doctype html><html><head><meta charset=utf-8><title>sftpipe evaluation</title>"
         f"<style>{_STYLE}</style></head><body><h1>Base vs tuned</h1>",
-        "<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>", *rows, "</table>",
+        "<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>",
+        *rows,
+        "</table>",
         f"<p>Validation conversations: {int(metrics['validation_rows'])}. Lower is better; "
         "loss is the mean cross-entropy per assistant token.</p>",
     ]
     if history:
         image = base64.b64encode(loss_curve_png(history)).decode()
-        parts.append(f"<h2>Loss curve</h2><img alt='loss curve' src='data:image/png;base64,{image}'>")
+        parts.append(
+            f"<h2>Loss curve</h2><img alt='loss curve' src='data:image/png;base64,{image}'>"
+        )
     if samples:
-        parts.append("<h2>Sample answers (greedy)</h2><table class=sample><tr><th>prompt</th>"
-                     "<th>reference</th><th>base</th><th>tuned</th></tr>")
+        parts.append(
+            "<h2>Sample answers (greedy)</h2><table class=sample><tr><th>prompt</th>"
+            "<th>reference</th><th>base</th><th>tuned</th></tr>"
+        )
         for s in samples:
             cells = (s.prompt, s.reference, s.answers.get("base", ""), s.answers.get("tuned", ""))
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

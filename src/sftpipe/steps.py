@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sftpipe import storage, tracking
@@ -25,7 +28,7 @@ from sftpipe.config import (
     TrackingConfig,
     TrainConfig,
 )
-from sftpipe.errors import SftpipeError
+from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -45,20 +48,25 @@ def run_step(step: str, **inputs: Any) -> Any:
     try:
         return STEPS[step](params, **artifacts)
     except SftpipeError as exc:
-        print(f"ERROR [{step}] {exc}", file=sys.stderr, flush=True)
+        message = f"[{step}] {exc}"
+        print(f"ERROR {message}", file=sys.stderr, flush=True)
+        if os.environ.get(ERROR_FILE_ENV):
+            Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
         raise SystemExit(1) from None
 
 
 def _tracker(params: dict[str, Any], *sections: Any) -> tracking.Tracker:
     experiment = TrackingConfig.from_values(params).mlflow_experiment
-    tracker = tracking.open_run(experiment, params["pipeline_run_id"],
-                                run_name=f"sftpipe-{params['pipeline_run_id']}")
+    tracker = tracking.open_run(
+        experiment, params["pipeline_run_id"], run_name=f"sftpipe-{params['pipeline_run_id']}"
+    )
     tracker.log_params({f"config.{k}": v for s in sections for k, v in s.model_dump().items()})
     return tracker
 
 
-def _record(metrics_artifact: Any, tracker: tracking.Tracker, prefix: str,
-            metrics: dict[str, float]) -> None:
+def _record(
+    metrics_artifact: Any, tracker: tracking.Tracker, prefix: str, metrics: dict[str, float]
+) -> None:
     for key, value in metrics.items():
         metrics_artifact.log_metric(key, value)
     tracker.log_metrics({f"{prefix}.{key}": value for key, value in metrics.items()})
@@ -68,77 +76,95 @@ def clean(params: dict[str, Any], cleaned: Any, quarantine: Any, metrics: Any) -
     config = DataConfig.from_values(params)
     tracker = _tracker(params, config)
     report = clean_stage.run(config, cleaned.path, quarantine.path)
-    cleaned.metadata.update(rows=report.rows_out, digest=report.output_digest,
-                            input_digest=report.input_digest, source=config.data_uri)
+    cleaned.metadata.update(
+        rows=report.rows_out,
+        digest=report.output_digest,
+        input_digest=report.input_digest,
+        source=config.data_uri,
+    )
     quarantine.metadata.update(rows=sum(report.dropped.values()))
     _record(metrics, tracker, "clean", report.metrics())
-    tracker.set_tags({"sftpipe.data.input_digest": report.input_digest,
-                      "sftpipe.data.cleaned_digest": report.output_digest})
-    print(f"[clean] {report.rows_out} of {report.rows_in} rows kept; quarantined: "
-          f"{dict(report.dropped) or 'none'}", flush=True)
+    tracker.set_tags(
+        {
+            "sftpipe.data.input_digest": report.input_digest,
+            "sftpipe.data.cleaned_digest": report.output_digest,
+        }
+    )
+    print(
+        f"[clean] {report.rows_out} of {report.rows_in} rows kept; quarantined: "
+        f"{dict(report.dropped) or 'none'}",
+        flush=True,
+    )
 
 
-def tokenize(params: dict[str, Any], cleaned: Any, train: Any, validation: Any,
-             quarantine: Any, metrics: Any) -> None:
+def tokenize(
+    params: dict[str, Any], cleaned: Any, train: Any, validation: Any, quarantine: Any, metrics: Any
+) -> None:
     config, model = TokenizeConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config, model)
-    report = tokenize_stage.run(config, model.base_model, cleaned.path, train.path,
-                                validation.path, quarantine.path)
+    report = tokenize_stage.run(
+        config, model.base_model, cleaned.path, train.path, validation.path, quarantine.path
+    )
     train.metadata.update(rows=report.train_rows, digest=storage.sha256_file(train.path))
-    validation.metadata.update(rows=report.validation_rows,
-                               digest=storage.sha256_file(validation.path))
+    validation.metadata.update(
+        rows=report.validation_rows, digest=storage.sha256_file(validation.path)
+    )
     _record(metrics, tracker, "tokenize", report.metrics())
-    print(f"[tokenize] {report.train_rows} train / {report.validation_rows} validation rows, "
-          f"{report.tokens} tokens ({report.loss_tokens} trained), "
-          f"{report.truncated_rows} truncated", flush=True)
+    print(
+        f"[tokenize] {report.train_rows} train / {report.validation_rows} validation rows, "
+        f"{report.tokens} tokens ({report.loss_tokens} trained), "
+        f"{report.truncated_rows} truncated",
+        flush=True,
+    )
 
 
-def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any,
-             metrics: Any) -> None:
+def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, metrics: Any) -> None:
     config, base = TrainConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config, base)
-    report = finetune_stage.run(config, base.base_model, train.path, validation.path, model.path,
-                                tracker)
-    model.metadata.update(base_model=base.base_model, best_step=report.best_step,
-                          framework="transformers")
+    report = finetune_stage.run(
+        config, base.base_model, train.path, validation.path, model.path, tracker
+    )
+    model.metadata.update(
+        base_model=base.base_model, best_step=report.best_step, framework="transformers"
+    )
     _record(metrics, tracker, "finetune", report.metrics())
-    history = [h for h in report.history if "train_loss" in h or "validation_loss" in h]
-    _log_png(tracker, "loss_curve.png", history)
-
-
-def _log_png(tracker: tracking.Tracker, name: str, history: list[dict[str, float]]) -> None:
-    import tempfile
-    from pathlib import Path
-
     from sftpipe.report import loss_curve_png
 
+    _log_bytes(tracker, "plots/loss_curve.png", loss_curve_png(report.history))
+
+
+def _log_bytes(tracker: tracking.Tracker, artifact_file: str, data: bytes) -> None:
+    """Log `data` to the MLflow run as `artifact_file` (folder/name)."""
+    folder, _, name = artifact_file.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_bytes(loss_curve_png(history))
-        tracker.log_artifact(path, "plots")
+        path.write_bytes(data)
+        tracker.log_artifact(path, folder or None)
 
 
-def evaluate(params: dict[str, Any], model: Any, validation: Any, metrics: Any,
-             report: Any) -> None:
+def evaluate(
+    params: dict[str, Any], model: Any, validation: Any, metrics: Any, report: Any
+) -> None:
     config, base = EvalConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config)
     result = evaluate_stage.run(config, base.base_model, model.path, validation.path, report.path)
     _record(metrics, tracker, "evaluate", result.metrics)
-    tracker.log_artifact(report.path, "reports")
+    _log_bytes(tracker, "reports/evaluation.html", Path(report.path).read_bytes())
     samples = [vars(s) for s in result.samples]
-    tracker.client.log_text(tracker.run_id, json.dumps(samples, indent=1, ensure_ascii=False),
-                            "reports/samples.json")
+    _log_bytes(
+        tracker, "reports/samples.json", json.dumps(samples, indent=1, ensure_ascii=False).encode()
+    )
 
 
-def register(params: dict[str, Any], model: Any, cleaned: Any, train: Any,
-             evaluation: Any) -> str:
+def register(params: dict[str, Any], model: Any, cleaned: Any, train: Any, evaluation: Any) -> str:
     """Returns the registered model's URI (models:/NAME@challenger), or "" when the gate
     refused it."""
     config, evaluation_config = RegisterConfig.from_values(params), EvalConfig.from_values(params)
     tracker = _tracker(params, config)
     run_params = tracker.client.get_run(tracker.run_id).data.params
-    config_blob = json.dumps({k: v for k, v in sorted(run_params.items())
-                              if k.startswith("config.")}).encode()
+    config_blob = json.dumps(
+        {k: v for k, v in sorted(run_params.items()) if k.startswith("config.")}
+    ).encode()
     lineage = {
         "sftpipe.pipeline_run_id": params["pipeline_run_id"],
         "sftpipe.base_model": str(model.metadata.get("base_model", "")),
@@ -149,8 +175,14 @@ def register(params: dict[str, Any], model: Any, cleaned: Any, train: Any,
         "sftpipe.config_digest": hashlib.sha256(config_blob).hexdigest()[:16],
         "sftpipe.mlflow_run_id": tracker.run_id,
     }
-    result = register_stage.run(config, model.path, dict(evaluation.metadata), lineage, tracker,
-                                evaluation_config.max_new_tokens)
+    result = register_stage.run(
+        config,
+        model.path,
+        dict(evaluation.metadata),
+        lineage,
+        tracker,
+        evaluation_config.max_new_tokens,
+    )
     if result.registered:
         url = tracking.model_version_url(config.model_name, result.version)
         print(f"[register] browse it: {url}", flush=True)

@@ -44,7 +44,9 @@ def s3_client() -> Any:
     )
     # Object stores drop connections under load; the standard retry mode backs off and retries
     # throttling and transient errors.
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"})
+    config = Config(
+        retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"}
+    )
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
@@ -71,8 +73,11 @@ def _s3_call(uri: str, fn: Any, **kwargs: Any) -> Any:
     except ClientError as exc:
         raise _s3_error(uri, exc) from None
     except BotoCoreError as exc:
-        raise SftpipeError(uri, f"cannot reach the object store ({exc})",
-                           "check AWS_ENDPOINT_URL and that the server is up") from None
+        raise SftpipeError(
+            uri,
+            f"cannot reach the object store ({exc})",
+            "check AWS_ENDPOINT_URL and that the server is up",
+        ) from None
 
 
 def open_binary(uri: str) -> IO[bytes]:
@@ -116,7 +121,9 @@ def upload_dir(path: Path, uri: str) -> None:
         upload_file(file, f"{uri.rstrip('/')}/{file.relative_to(path).as_posix()}")
 
 
-def local_dir(uri: str, cache_root: Path | None = None, skip_suffixes: tuple[str, ...] = ()) -> Path:
+def local_dir(
+    uri: str, cache_root: Path | None = None, skip_suffixes: tuple[str, ...] = ()
+) -> Path:
     """A local directory holding the folder at `uri`: the path itself, or a download of an S3
     prefix (without files ending in `skip_suffixes`) into `cache_root` (default: a temporary
     directory)."""

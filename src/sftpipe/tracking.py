@@ -53,8 +53,11 @@ def open_run(experiment: str, pipeline_run_id: str, run_name: str = "") -> Track
 
     uri = mlflow.get_tracking_uri()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise SftpipeError("MLFLOW_TRACKING_URI", "not set",
-                           "point it at the MLflow server, e.g. http://mlflow:5000")
+        raise SftpipeError(
+            "MLFLOW_TRACKING_URI",
+            "not set",
+            "point it at the MLflow server, e.g. http://mlflow:5000",
+        )
     client = MlflowClient()
     try:
         found = client.get_experiment_by_name(experiment)
@@ -64,11 +67,15 @@ def open_run(experiment: str, pipeline_run_id: str, run_name: str = "") -> Track
         )
         if runs:
             return Tracker(client, runs[0].info.run_id, experiment_id)
-        run = client.create_run(experiment_id, run_name=run_name or None,
-                                tags={PIPELINE_RUN_TAG: pipeline_run_id})
+        run = client.create_run(
+            experiment_id, run_name=run_name or None, tags={PIPELINE_RUN_TAG: pipeline_run_id}
+        )
     except Exception as exc:  # MLflow raises MlflowException, requests and OS errors alike
-        raise SftpipeError(uri, f"MLflow is unreachable or refused the request ({exc})",
-                           "check MLFLOW_TRACKING_URI and that the server is up") from None
+        raise SftpipeError(
+            uri,
+            f"MLflow is unreachable or refused the request ({exc})",
+            "check MLFLOW_TRACKING_URI and that the server is up",
+        ) from None
     return Tracker(client, run.info.run_id, experiment_id)
 
 

@@ -4,24 +4,32 @@ defaults of their own, and together they consume every field."""
 import inspect
 
 import pytest
-
 from sftpipe.components.clean import clean
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
 from sftpipe.components.register import register
 from sftpipe.components.tokenize import tokenize
+
 from sftpipe.config import FIELDS, kfp_type
 from sftpipe.steps import RUNTIME_INPUTS, STEPS
 
-COMPONENTS = {"clean": clean, "tokenize": tokenize, "finetune": finetune,
-              "evaluate": evaluate, "register": register}
+COMPONENTS = {
+    "clean": clean,
+    "tokenize": tokenize,
+    "finetune": finetune,
+    "evaluate": evaluate,
+    "register": register,
+}
 KFP_TYPES = {str: "String", int: "Integer", float: "Float", bool: "Boolean"}
 
 
 def parameters(component):
     """The component's non-artifact inputs."""
-    return {name: spec for name, spec in component.component_spec.inputs.items()
-            if not spec.type.startswith("system.")}
+    return {
+        name: spec
+        for name, spec in component.component_spec.inputs.items()
+        if not spec.type.startswith("system.")
+    }
 
 
 @pytest.mark.parametrize("name", COMPONENTS)

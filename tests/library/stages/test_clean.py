@@ -15,8 +15,11 @@ def chat(*turns, system=None):
     return {"messages": messages}
 
 
-GOOD = [chat("Hi", "Hello!"), chat("你好", "你好！有什么可以帮你？", system="Be brief."),
-        chat("a", "b", "c", "d")]
+GOOD = [
+    chat("Hi", "Hello!"),
+    chat("你好", "你好！有什么可以帮你？", system="Be brief."),
+    chat("a", "b", "c", "d"),
+]
 
 BAD_LINES = {
     "malformed_json": '{"messages": [',
@@ -25,8 +28,9 @@ BAD_LINES = {
     "bad_message": '{"messages": [{"role": "user", "content": 3}]}',
     "unknown_role": '{"messages": [{"role": "robot", "content": "x"}]}',
     "empty_conversation": '{"messages": [{"role": "user", "content": " \\u200b "}]}',
-    "bad_turn_order": json.dumps(chat("q1", "a1")["messages"][:1] * 2 + [
-        {"role": "assistant", "content": "a"}]).join(['{"messages": ', "}"]),
+    "bad_turn_order": json.dumps(
+        chat("q1", "a1")["messages"][:1] * 2 + [{"role": "assistant", "content": "a"}]
+    ).join(['{"messages": ', "}"]),
     "no_assistant_turn": json.dumps(chat("q1", "a1", "q2")),
 }
 
@@ -40,8 +44,11 @@ def test_every_reason_is_quarantined_with_its_line(tmp_path):
     lines = [json.dumps(row, ensure_ascii=False) for row in GOOD] + list(BAD_LINES.values())
     lines.append(json.dumps(GOOD[0]))  # exact duplicate
     uri = write(tmp_path / "raw.jsonl", lines)
-    report = clean.run(DataConfig(data_uri=uri, max_bad_fraction=0.9),
-                       tmp_path / "clean.jsonl", tmp_path / "bad.jsonl")
+    report = clean.run(
+        DataConfig(data_uri=uri, max_bad_fraction=0.9),
+        tmp_path / "clean.jsonl",
+        tmp_path / "bad.jsonl",
+    )
 
     kept = read_jsonl(tmp_path / "clean.jsonl")
     assert [row["source"] for row in kept] == ["raw.jsonl:1", "raw.jsonl:2", "raw.jsonl:3"]
@@ -56,14 +63,20 @@ def test_every_reason_is_quarantined_with_its_line(tmp_path):
 
 
 def test_text_is_normalized_and_empty_turns_dropped(tmp_path):
-    row = {"messages": [{"role": "user", "content": "  Ｈｉ\u200b  there "},
-                        {"role": "assistant", "content": ""},
-                        {"role": "assistant", "content": "Hello\r\n\r\n\r\nfriend"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "  Ｈｉ\u200b  there "},
+            {"role": "assistant", "content": ""},
+            {"role": "assistant", "content": "Hello\r\n\r\n\r\nfriend"},
+        ]
+    }
     uri = write(tmp_path / "raw.jsonl", [json.dumps(row)])
     report = clean.run(DataConfig(data_uri=uri), tmp_path / "c.jsonl", tmp_path / "q.jsonl")
     (kept,) = read_jsonl(tmp_path / "c.jsonl")
-    assert kept["messages"] == [{"role": "user", "content": "Hi there"},
-                                {"role": "assistant", "content": "Hello\n\nfriend"}]
+    assert kept["messages"] == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello\n\nfriend"},
+    ]
     assert report.empty_turns_dropped == 1
 
 
@@ -71,7 +84,9 @@ def test_dedupe_after_normalization_can_be_disabled(tmp_path):
     lines = [json.dumps(chat("Hi", "Yo")), json.dumps(chat(" Hi ", "Yo\u200b"))]
     uri = write(tmp_path / "raw.jsonl", lines)
     on = clean.run(DataConfig(data_uri=uri), tmp_path / "a.jsonl", tmp_path / "qa.jsonl")
-    off = clean.run(DataConfig(data_uri=uri, dedupe=False), tmp_path / "b.jsonl", tmp_path / "qb.jsonl")
+    off = clean.run(
+        DataConfig(data_uri=uri, dedupe=False), tmp_path / "b.jsonl", tmp_path / "qb.jsonl"
+    )
     assert (on.rows_out, off.rows_out) == (1, 2)
 
 
@@ -79,8 +94,11 @@ def test_too_many_bad_rows_fail_without_publishing(tmp_path):
     lines = [json.dumps(GOOD[0]), "{nope", "{nope", '{"messages": 1}']
     uri = write(tmp_path / "raw.jsonl", lines)
     with pytest.raises(SftpipeError) as caught:
-        clean.run(DataConfig(data_uri=uri, max_bad_fraction=0.5),
-                  tmp_path / "c.jsonl", tmp_path / "q.jsonl")
+        clean.run(
+            DataConfig(data_uri=uri, max_bad_fraction=0.5),
+            tmp_path / "c.jsonl",
+            tmp_path / "q.jsonl",
+        )
     message = str(caught.value)
     assert "\n" not in message
     assert "3 of 4 rows are bad" in message and "malformed_json=2" in message
@@ -93,7 +111,9 @@ def test_empty_and_missing_inputs(tmp_path):
     with pytest.raises(SftpipeError, match="empty.jsonl: no rows in the input"):
         clean.run(DataConfig(data_uri=empty), tmp_path / "c", tmp_path / "q")
     with pytest.raises(SftpipeError, match="missing.jsonl: no such file"):
-        clean.run(DataConfig(data_uri=str(tmp_path / "missing.jsonl")), tmp_path / "c", tmp_path / "q")
+        clean.run(
+            DataConfig(data_uri=str(tmp_path / "missing.jsonl")), tmp_path / "c", tmp_path / "q"
+        )
     with pytest.raises(SftpipeError, match="no input data given"):
         clean.run(DataConfig(), tmp_path / "c", tmp_path / "q")
 

@@ -1,3 +1,4 @@
+import itertools
 import json
 import shutil
 
@@ -20,12 +21,20 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tokenized")
     with (tmp / "cleaned.jsonl").open("w") as handle:
         for i in range(40):
-            messages = [{"role": "user", "content": f"What is {i} plus {i}?" + " Please." * (i % 4)},
-                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+            messages = [
+                {"role": "user", "content": f"What is {i} plus {i}?" + " Please." * (i % 4)},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
             row = {"id": conversation_id(messages), "messages": messages, "source": f"x:{i}"}
             handle.write(json.dumps(row) + "\n")
-    tokenize.run(TokenizeConfig(max_length=64, validation_fraction=0.2), str(tiny_model_dir),
-                 tmp / "cleaned.jsonl", tmp / "train.parquet", tmp / "val.parquet", tmp / "q.jsonl")
+    tokenize.run(
+        TokenizeConfig(max_length=64, validation_fraction=0.2),
+        str(tiny_model_dir),
+        tmp / "cleaned.jsonl",
+        tmp / "train.parquet",
+        tmp / "val.parquet",
+        tmp / "q.jsonl",
+    )
     return tmp / "train.parquet", tmp / "val.parquet"
 
 
@@ -36,8 +45,14 @@ def weights(path):
 def test_accumulation_matches_one_big_batch(tiny_model_dir, tokenized, tmp_path):
     """4 micro-batches of 1 must give the same update as 1 batch of 4: the loss is normalized
     by the loss-bearing tokens of the whole window, not averaged per micro-batch."""
-    common = dict(max_steps=3, learning_rate=1e-3, precision="fp32", eval_every=100,
-                  early_stopping_patience=0, warmup_ratio=0.0)
+    common = dict(
+        max_steps=3,
+        learning_rate=1e-3,
+        precision="fp32",
+        eval_every=100,
+        early_stopping_patience=0,
+        warmup_ratio=0.0,
+    )
     big = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=1, **common)
     small = TrainConfig(micro_batch_size=1, gradient_accumulation_steps=4, **common)
     finetune.run(big, str(tiny_model_dir), *tokenized, tmp_path / "big")
@@ -85,8 +100,14 @@ def test_training_lowers_validation_loss_and_exports_best(tiny_model_dir, tokeni
     # What was exported is the best model: its validation loss is the best one.
     model, tokenizer = load_causal_lm(out), load_tokenizer(out)
     rows = tokenize.read_parquet(tokenized[1])
-    loss = lm.mean_loss(model, rows, tokenizer.pad_token_id, 8, torch.device("cpu"),
-                        lm.autocast_dtype(config.precision, torch.device("cpu")))
+    loss = lm.mean_loss(
+        model,
+        rows,
+        tokenizer.pad_token_id,
+        8,
+        torch.device("cpu"),
+        lm.autocast_dtype(config.precision, torch.device("cpu")),
+    )
     assert loss == pytest.approx(report.best_validation_loss, rel=1e-3)
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -103,7 +124,7 @@ def test_early_stopping_patience():
 def test_schedule_warms_up_then_decays():
     factors = [lr_factor(step, total=20, warmup=4) for step in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
     assert factors[-1] == pytest.approx(0.1)
 
 
@@ -126,6 +147,11 @@ def test_bad_inputs_fail_before_training(tiny_model_dir, tokenized, tmp_path):
     table[0]["input_ids"] = [10**6] * len(table[0]["input_ids"])
     tokenize._write_parquet(table, tmp_path / "alien.parquet")
     with pytest.raises(SftpipeError, match="outside the model's vocabulary"):
-        finetune.run(TrainConfig(max_steps=1), str(tiny_model_dir), tmp_path / "alien.parquet",
-                     tokenized[1], tmp_path / "o3")
+        finetune.run(
+            TrainConfig(max_steps=1),
+            str(tiny_model_dir),
+            tmp_path / "alien.parquet",
+            tokenized[1],
+            tmp_path / "o3",
+        )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()

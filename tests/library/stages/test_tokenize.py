@@ -19,7 +19,8 @@ CONVERSATION = [
 
 LLAMA3_STYLE = (
     "{{ '<|begin_of_text|>' }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ m['content'] + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -47,7 +48,9 @@ def test_chatml_mask_trains_every_assistant_turn_and_its_end_of_turn(tiny_model_
     assert labeled_runs(tokenizer, row) == ["4.<|im_end|>", "我很好，谢谢。<|im_end|>"]
     assert not row.truncated
     # Unlabeled tokens are exactly the prompt side: system, user turns, headers.
-    prompt_ids = [t for t, lab in zip(row.input_ids, row.labels, strict=True) if lab == IGNORE_INDEX]
+    prompt_ids = [
+        t for t, lab in zip(row.input_ids, row.labels, strict=True) if lab == IGNORE_INDEX
+    ]
     assert "What is 2+2?" in tokenizer.decode(prompt_ids)
 
 
@@ -75,23 +78,36 @@ def test_template_that_is_not_prefix_stable_is_refused(tiny_model_dir):
 def write_cleaned(path, conversations):
     with path.open("w", encoding="utf-8") as handle:
         for i, messages in enumerate(conversations):
-            row = {"id": conversation_id(messages), "messages": messages,
-                   "source": f"x.jsonl:{i + 1}"}
+            row = {
+                "id": conversation_id(messages),
+                "messages": messages,
+                "source": f"x.jsonl:{i + 1}",
+            }
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def run(tmp_path, model, config, conversations):
     write_cleaned(tmp_path / "cleaned.jsonl", conversations)
-    report = tokenize.run(config, str(model), tmp_path / "cleaned.jsonl", tmp_path / "train.parquet",
-                          tmp_path / "val.parquet", tmp_path / "quarantine.jsonl")
+    report = tokenize.run(
+        config,
+        str(model),
+        tmp_path / "cleaned.jsonl",
+        tmp_path / "train.parquet",
+        tmp_path / "val.parquet",
+        tmp_path / "quarantine.jsonl",
+    )
     return report
 
 
 def test_run_splits_deterministically_and_quarantines_unlabeled_rows(tiny_model_dir, tmp_path):
-    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]
+    long_prompt = [
+        {"role": "user", "content": "word " * 300},
+        {"role": "assistant", "content": "ok"},
+    ]
     conversations = [CONVERSATION[1:3], CONVERSATION, long_prompt] + [
         [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-        for i in range(20)]
+        for i in range(20)
+    ]
     config = TokenizeConfig(max_length=64, validation_fraction=0.3)
     report = run(tmp_path, tiny_model_dir, config, conversations)
     assert report.quarantined_no_loss_tokens == 1
@@ -107,12 +123,19 @@ def test_run_splits_deterministically_and_quarantines_unlabeled_rows(tiny_model_
 
     first = (tmp_path / "train.parquet").read_bytes(), (tmp_path / "val.parquet").read_bytes()
     run(tmp_path, tiny_model_dir, config, conversations)
-    assert first == ((tmp_path / "train.parquet").read_bytes(), (tmp_path / "val.parquet").read_bytes())
+    assert first == (
+        (tmp_path / "train.parquet").read_bytes(),
+        (tmp_path / "val.parquet").read_bytes(),
+    )
 
 
 def test_tiny_data_still_gets_a_validation_row(tiny_model_dir, tmp_path):
-    report = run(tmp_path, tiny_model_dir, TokenizeConfig(validation_fraction=0.01),
-                 [CONVERSATION[1:3], CONVERSATION])
+    report = run(
+        tmp_path,
+        tiny_model_dir,
+        TokenizeConfig(validation_fraction=0.01),
+        [CONVERSATION[1:3], CONVERSATION],
+    )
     assert (report.train_rows, report.validation_rows) == (1, 1)
 
 
