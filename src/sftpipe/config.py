@@ -151,6 +151,16 @@ class TrainConfig(Section):
     )
     log_every: int = Field(5, ge=1, description="Log training metrics every this many steps.")
 
+    checkpoint_uri: str = Field(
+        "",
+        description="Where to keep resumable checkpoints (local dir or s3://bucket/prefix; the "
+        "pipeline run id is appended). A restarted or retried step resumes from the newest "
+        "complete one. Empty: no checkpoints.",
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Checkpoint every this many optimizer steps (and on SIGTERM)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.")
 
 class EvalConfig(Section):
     """evaluate: base vs tuned on the validation set."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 
@@ -31,4 +30,4 @@ class Progress:
             f"[{self.label}] {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s"
             f" | ETA {format_duration(self.eta(done))}"
         )
-        print(f"{line} | {extra}" if extra else line, file=sys.stderr, flush=True)
+        print(f"{line} | {extra}" if extra else line, flush=True)

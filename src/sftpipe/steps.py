@@ -121,8 +121,14 @@ def tokenize(
 def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, metrics: Any) -> None:
     config, base = TrainConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config, base)
+    # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
+    checkpoints = (
+        f"{config.checkpoint_uri.rstrip('/')}/{params['pipeline_run_id']}"
+        if config.checkpoint_uri
+        else ""
+    )
     report = finetune_stage.run(
-        config, base.base_model, train.path, validation.path, model.path, tracker
+        config, base.base_model, train.path, validation.path, model.path, tracker, checkpoints
     )
     model.metadata.update(
         base_model=base.base_model, best_step=report.best_step, framework="transformers"

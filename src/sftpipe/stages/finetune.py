@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from sftpipe import lm, models, storage
+from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.progress import Progress, format_duration
@@ -104,6 +108,51 @@ def shuffled_micro_batches(
         epoch += 1
 
 
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class _SigtermFlag:
+    """Kubernetes sends SIGTERM before it kills a pod: note it, and let the loop checkpoint and
+    stop at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.set = False
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        print("[finetune] SIGTERM: stopping after this step", flush=True)
+        self.set = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def restore(
+    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[int, EarlyStopping, TrainReport, dict[str, torch.Tensor]]:
+    """Load a checkpoint written by `run` into the model and optimizer; returns the step, the
+    early-stopping state, the report so far and the best weights."""
+    weights = torch.load(folder / "model.pt", weights_only=True)
+    model.load_state_dict(weights["model"])
+    trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    best = weights["best"] if weights["best"] is not None else _cpu_copy(model)
+    return (
+        state["step"],
+        EarlyStopping(**state["early_stopping"]),
+        TrainReport(**state["report"]),
+        best,
+    )
+
+
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     largest = max(max(row["input_ids"]) for row in rows)
@@ -122,7 +171,10 @@ def run(
     validation_path: str | Path,
     output_dir: str | Path,
     tracker: Any = None,
+    checkpoint_uri: str = "",
 ) -> TrainReport:
+    """Fine-tune and export the best model to `output_dir`. With `checkpoint_uri`, checkpoint
+    every `checkpoint_every` steps and on SIGTERM, and resume from the newest checkpoint there."""
     # --- setup ---------------------------------------------------------------------------
     torch.manual_seed(config.seed)
     device = lm.default_device()
@@ -183,13 +235,50 @@ def run(
         "validation conversations",
         flush=True,
     )
+    store = CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None
     early_stopping = EarlyStopping(config.early_stopping_patience)
-    early_stopping.update(validate(0), step=0)
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    progress = Progress("finetune", total_steps, "steps")
+    resume_dir = Path(tempfile.mkdtemp(prefix="sftpipe-resume-"))
+    checkpoint = store.latest(resume_dir) if store else None
+    if checkpoint:
+        start_step, early_stopping, report, best_state = restore(
+            checkpoint, model, optimizer, scheduler
+        )
+        for _ in range(start_step * config.gradient_accumulation_steps):
+            next(micro_batches)  # the data position: the order is a function of the seed
+        print(f"[finetune] resumed from {checkpoint_uri} at step {start_step}", flush=True)
+    else:
+        start_step = 0
+        early_stopping.update(validate(0), step=0)
+        best_state = _cpu_copy(model)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    sigterm = _SigtermFlag()
+
+    def save_checkpoint(step: int) -> None:
+        def write(folder: Path) -> None:
+            best = None if early_stopping.best_step == step else best_state
+            torch.save({"model": model.state_dict(), "best": best}, folder / "model.pt")
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                },
+                folder / "trainer.pt",
+            )
+            state = {
+                "step": step,
+                "early_stopping": asdict(early_stopping),
+                "report": asdict(report),
+            }
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+
+        store.save(step, write)  # type: ignore[union-attr]
+        print(f"[finetune] checkpoint at step {step} -> {checkpoint_uri}", flush=True)
+
+    progress = Progress("finetune", total_steps - start_step, "steps")
     window_seconds, window_tokens = 0.0, 0
     model.train()
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         step_start = time.perf_counter()
         window_batches = [next(micro_batches) for _ in range(config.gradient_accumulation_steps)]
         window_loss_tokens = sum(row["num_loss_tokens"] for b in window_batches for row in b)
@@ -232,7 +321,7 @@ def run(
             if tracker:
                 tracker.log_metrics(metrics, step)
             progress.update(
-                step,
+                step - start_step,
                 f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
                 f"{tokens_per_second:.0f} tok/s",
             )
@@ -241,7 +330,7 @@ def run(
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
             if early_stopping.update(validation_loss, step):
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_state = _cpu_copy(model)
             print(
                 f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
                 f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
@@ -254,6 +343,17 @@ def run(
                     flush=True,
                 )
                 break
+
+        if store and step < total_steps and (step % config.checkpoint_every == 0 or sigterm.set):
+            save_checkpoint(step)
+        if sigterm.set:
+            saved = "checkpoint saved" if store else "no checkpoint (no --checkpoint-uri)"
+            raise SftpipeError(
+                "finetune",
+                f"stopped by SIGTERM at step {step}; {saved}",
+                "run the step again to resume",
+            )
+    sigterm.restore()
 
     report.seconds += window_seconds  # training time only; validation is not counted
     report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
@@ -281,3 +381,37 @@ def run(
             }
         )
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sftpipe.stages.finetune`: the training entry point outside KFP (a restarted
+    pod, a Trainer job, the preemption tests)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m sftpipe.stages.finetune")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--train", required=True, type=Path)
+    parser.add_argument("--validation", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--checkpoint-uri", default="")
+    parser.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
+    args = parser.parse_args(argv)
+    try:
+        config = TrainConfig.from_values(json.loads(args.config), where="--config")
+        run(
+            config,
+            args.base_model,
+            args.train,
+            args.validation,
+            args.output,
+            checkpoint_uri=args.checkpoint_uri,
+        )
+    except SftpipeError as exc:
+        print(f"ERROR [finetune] {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

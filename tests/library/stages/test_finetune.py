@@ -7,35 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from sftpipe import lm
-from sftpipe.config import TokenizeConfig, TrainConfig
+from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.models import load_causal_lm, load_tokenizer
 from sftpipe.stages import finetune, tokenize
-from sftpipe.stages.clean import conversation_id
 from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
-
-
-@pytest.fixture(scope="module")
-def tokenized(tiny_model_dir, tmp_path_factory):
-    """Train/validation Parquet of 40 short arithmetic chats of varied length."""
-    tmp = tmp_path_factory.mktemp("tokenized")
-    with (tmp / "cleaned.jsonl").open("w") as handle:
-        for i in range(40):
-            messages = [
-                {"role": "user", "content": f"What is {i} plus {i}?" + " Please." * (i % 4)},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]
-            row = {"id": conversation_id(messages), "messages": messages, "source": f"x:{i}"}
-            handle.write(json.dumps(row) + "\n")
-    tokenize.run(
-        TokenizeConfig(max_length=64, validation_fraction=0.2),
-        str(tiny_model_dir),
-        tmp / "cleaned.jsonl",
-        tmp / "train.parquet",
-        tmp / "val.parquet",
-        tmp / "q.jsonl",
-    )
-    return tmp / "train.parquet", tmp / "val.parquet"
 
 
 def weights(path):

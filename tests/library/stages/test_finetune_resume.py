@@ -1,0 +1,105 @@
+"""Preemption: a training process killed with SIGKILL at a random step and started again must
+end with exactly the weights of a run that was never interrupted; SIGTERM checkpoints first."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from sftpipe.checkpoint import CheckpointStore
+from sftpipe.config import TrainConfig
+from sftpipe.stages import finetune
+
+CONFIG = dict(
+    max_steps=60,
+    checkpoint_every=5,
+    keep_checkpoints=2,
+    learning_rate=1e-3,
+    precision="fp32",
+    eval_every=10,
+    micro_batch_size=8,
+    gradient_accumulation_steps=2,
+)
+
+
+def command(model, tokenized, output, uri):
+    return [
+        sys.executable,
+        "-m",
+        "sftpipe.stages.finetune",
+        "--base-model",
+        str(model),
+        "--train",
+        str(tokenized[0]),
+        "--validation",
+        str(tokenized[1]),
+        "--output",
+        str(output),
+        "--checkpoint-uri",
+        uri,
+        "--config",
+        json.dumps(CONFIG),
+    ]
+
+
+def wait_for_checkpoint(store, step, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = store.complete_steps()
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def test_sigkill_then_resume_gives_identical_weights(
+    tiny_model_dir, tokenized, seaweedfs, s3_env, tmp_path
+):
+    finetune.run(TrainConfig(**CONFIG), str(tiny_model_dir), *tokenized, tmp_path / "straight")
+
+    uri = f"s3://{s3_env}/checkpoints/run-1"
+    store = CheckpointStore(uri)
+    cmd = command(tiny_model_dir, tokenized, tmp_path / "resumed", uri)
+    process = subprocess.Popen(cmd, env=os.environ.copy())
+    kill_after = 5 * random.randint(1, 8)
+    reached = wait_for_checkpoint(store, kill_after, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (tmp_path / "resumed").exists(), "a killed run must not publish a model"
+
+    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout, f"killed after checkpoint {reached}: {done.stdout[-500:]}"
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+    log = json.loads((tmp_path / "resumed" / finetune.TRAINING_LOG).read_text())
+    assert log["steps"] == 60
+    assert len(store.complete_steps()) <= 2
+
+
+def test_sigterm_checkpoints_and_stops(tiny_model_dir, tokenized, tmp_path):
+    uri = str(tmp_path / "ckpt")
+    config = dict(CONFIG, max_steps=100000, checkpoint_every=100000)
+    cmd = command(tiny_model_dir, tokenized, tmp_path / "out", uri)
+    cmd[-1] = json.dumps(config)
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "steps |" in line:  # training is under way
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "stopped by SIGTERM at step" in stderr and "checkpoint saved" in stderr
+    steps = CheckpointStore(uri).complete_steps()
+    assert len(steps) == 1 and steps[0] > 0
+    assert not (tmp_path / "out").exists()
