@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sftpipe.errors import SftpipeError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Method = Literal["full", "lora", "qlora"]
 
 
 class Section(BaseModel):
@@ -151,6 +152,24 @@ class TrainConfig(Section):
     )
     log_every: int = Field(5, ge=1, description="Log training metrics every this many steps.")
 
+    method: Method = Field(
+        "full",
+        description="full: update every weight; lora: train low-rank adapters (peft) and export "
+        "the merged model plus the adapter; qlora: lora on a 4-bit base (CUDA with "
+        "bitsandbytes only).",
+    )
+    lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scaling alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: str = Field(
+        "all-linear",
+        description="Layers that get adapters: comma-separated names such as q_proj,v_proj, or "
+        "all-linear.",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) instead of LoRA.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% more compute."
+    )
     checkpoint_uri: str = Field(
         "",
         description="Where to keep resumable checkpoints (local dir or s3://bucket/prefix; the "
@@ -161,6 +180,7 @@ class TrainConfig(Section):
         50, ge=1, description="Checkpoint every this many optimizer steps (and on SIGTERM)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+
 
 class EvalConfig(Section):
     """evaluate: base vs tuned on the validation set."""

@@ -49,6 +49,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     inputs = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],

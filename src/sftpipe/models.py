@@ -61,8 +61,9 @@ def load_tokenizer(model_dir: Path, uri: str = "", chat_template: str = "") -> A
     return tokenizer
 
 
-def load_causal_lm(model_dir: Path, uri: str = "") -> Any:
-    """The model in fp32 (autocast handles lower precision), with its weights checked."""
+def load_causal_lm(model_dir: Path, uri: str = "", quantize_4bit: bool = False) -> Any:
+    """The model in fp32 (autocast handles lower precision), with its weights checked; or, for
+    QLoRA, NF4-quantized on the GPU and prepared for adapter training."""
     from transformers import AutoModelForCausalLM
 
     where = uri or str(model_dir)
@@ -77,6 +78,20 @@ def load_causal_lm(model_dir: Path, uri: str = "") -> Any:
             "save the model with save_pretrained",
         )
     try:
+        if quantize_4bit:
+            from peft import prepare_model_for_kbit_training
+            from transformers import BitsAndBytesConfig
+
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype="bfloat16",
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, quantization_config=quantization, device_map={"": 0}
+            )
+            return prepare_model_for_kbit_training(model)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     except Exception as exc:  # corrupt or mismatched weights surface as many exception types
         raise SftpipeError(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import lm, models, storage
+from sftpipe import lm, lora, models, storage
 from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
@@ -181,8 +181,14 @@ def run(
     dtype = lm.autocast_dtype(config.precision, device)
     model_dir = models.fetch(base_model)
     tokenizer = models.load_tokenizer(model_dir, base_model)
-    model = models.load_causal_lm(model_dir, base_model).to(device)
+    lora.check_method(config, device)
+    model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
+    model = model.to(device) if config.method != "qlora" else model
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method in ("lora", "qlora"):
+        model = lora.apply(model, config)
     train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
     if not train_rows or not validation_rows:
         raise SftpipeError(
@@ -369,9 +375,7 @@ def run(
     # --- export ----------------------------------------------------------------------------
     model.load_state_dict(best_state)
     with storage.atomic_dir(output_dir) as tmp:
-        model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        lora.save(model, tokenizer, tmp)
         (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
     if tracker:
         tracker.log_metrics(

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftpipe.config import TrainConfig
+from sftpipe.errors import SftpipeError
+from sftpipe.lora import ADAPTER_DIR
+from sftpipe.stages import finetune
+
+FAST = dict(max_steps=12, learning_rate=5e-3, eval_every=6, micro_batch_size=8, precision="fp32")
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_adapters_train_and_export_merged_plus_adapter(tiny_model_dir, tokenized, tmp_path, dora):
+    config = TrainConfig(
+        method="lora", lora_rank=4, lora_target_modules="q_proj,v_proj", use_dora=dora, **FAST
+    )
+    report = finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "out")
+    first = next(h for h in report.history if "validation_loss" in h)["validation_loss"]
+    assert report.best_validation_loss < first
+
+    out = tmp_path / "out"
+    adapter = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert adapter["use_dora"] is dora
+    merged, base = (
+        load_file(out / "model.safetensors"),
+        load_file(tiny_model_dir / "model.safetensors"),
+    )
+    assert not any("lora" in name for name in merged)  # a plain model, adapters merged in
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+def test_bad_adapter_settings_fail_before_training(tiny_model_dir, tokenized, tmp_path):
+    config = TrainConfig(method="lora", lora_target_modules="q_proj,attn_c", **FAST)
+    with pytest.raises(SftpipeError, match=r"\['attn_c'\] not among the model's linear layers"):
+        finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "o")
+    with pytest.raises(SftpipeError, match="qlora needs a CUDA GPU with bitsandbytes"):
+        finetune.run(
+            TrainConfig(method="qlora", **FAST), str(tiny_model_dir), *tokenized, tmp_path / "o"
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tokenized, tmp_path):
+    plain = finetune.run(TrainConfig(**FAST), str(tiny_model_dir), *tokenized, tmp_path / "a")
+    ckpt = finetune.run(
+        TrainConfig(gradient_checkpointing=True, **FAST),
+        str(tiny_model_dir),
+        *tokenized,
+        tmp_path / "b",
+    )
+    assert ckpt.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
+    assert ckpt.best_validation_loss == pytest.approx(plain.best_validation_loss, rel=1e-5)
