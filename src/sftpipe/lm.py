@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sftpipe.distributed import SINGLE, World
+
 IGNORE_INDEX = -100
 
 
@@ -63,6 +65,18 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
 
 
+class TokenLoss(torch.nn.Module):
+    """`loss_sum` as a module, so DistributedDataParallel can wrap it (its gradient hooks run
+    through `forward`)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(self.model, batch)[0]
+
+
 def cpu_supports_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -108,19 +122,22 @@ def mean_loss(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype | None,
+    world: World = SINGLE,
 ) -> float:
-    """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows`."""
+    """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows` (shared out
+    across data-parallel processes)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     # Sorting by length keeps padding low; the result does not depend on the order.
-    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))[world.rank :: world.size]
     for chunk in batches(ordered, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with autocast(device, dtype):
             loss, n = loss_sum(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
+    total, count = world.sum(total, count)
     return total / max(count, 1)
 
 

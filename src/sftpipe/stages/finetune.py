@@ -7,13 +7,19 @@ Supports:
 - gradient clipping, a fixed seed and a deterministic data order;
 - bf16/fp16 autocast (bf16 on CPUs with AVX512_BF16, where it is ~4x fp32 matmul);
 - validation loss every `eval_every` steps, early stopping with patience; the best model (by
-  validation loss) is the one exported, with its tokenizer, as a save_pretrained directory.
+  validation loss) is the one exported, with its tokenizer, as a save_pretrained directory;
+- LoRA / DoRA adapters (peft), gradient checkpointing;
+- checkpoints every `checkpoint_every` steps and on SIGTERM, automatic resume;
+- data parallelism under torchrun (DDP; gloo on CPU, NCCL on GPU): a global window of
+  micro_batch_size x gradient_accumulation_steps x processes conversations per step, so the
+  result matches one process with the same global batch.
 
 setup -> train -> export, in one readable loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -27,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import lm, lora, models, storage
+from sftpipe import distributed, lm, lora, models, storage
 from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
@@ -95,17 +101,23 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def shuffled_micro_batches(
+def shuffled_windows(
     rows: Sequence[dict[str, Any]], size: int, seed: int
-) -> Iterator[Sequence[dict[str, Any]]]:
-    """Micro-batches over endless epochs, each epoch in a seed-determined order."""
-    epoch = 0
+) -> Iterator[list[dict[str, Any]]]:
+    """Endless windows of `size` rows (one optimizer step's data), drawn from consecutive epochs
+    in seed-determined orders. Every window is full, so every process gets its share."""
+    epoch, pending = 0, []
     while True:
         generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(order), size):
-            yield [rows[i] for i in order[start : start + size]]
+        pending += torch.randperm(len(rows), generator=generator).tolist()
+        while len(pending) >= size:
+            yield [rows[i] for i in pending[:size]]
+            pending = pending[size:]
         epoch += 1
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`print` for processes other than the main one."""
 
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -177,7 +189,8 @@ def run(
     every `checkpoint_every` steps and on SIGTERM, and resume from the newest checkpoint there."""
     # --- setup ---------------------------------------------------------------------------
     torch.manual_seed(config.seed)
-    device = lm.default_device()
+    world = distributed.init()
+    device = distributed.device(world)
     dtype = lm.autocast_dtype(config.precision, device)
     model_dir = models.fetch(base_model)
     tokenizer = models.load_tokenizer(model_dir, base_model)
@@ -198,7 +211,7 @@ def run(
         )
     check_data_fits_model(train_rows + validation_rows, model, str(train_path))
 
-    window = config.micro_batch_size * config.gradient_accumulation_steps
+    window = config.micro_batch_size * config.gradient_accumulation_steps * world.size
     steps_per_epoch = math.ceil(len(train_rows) / window)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
@@ -211,10 +224,14 @@ def run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup)
     )
-    micro_batches = shuffled_micro_batches(train_rows, config.micro_batch_size, config.seed)
+    windows = shuffled_windows(train_rows, window, config.seed)
     pad_id = tokenizer.pad_token_id
+    loss_module: Any = lm.TokenLoss(model)
+    if world.size > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
 
     report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
+    tracker = tracker if world.is_main else None
     if tracker:
         tracker.log_params(
             {f"train.{k}": v for k, v in config.model_dump().items()}
@@ -228,15 +245,18 @@ def run(
         )
 
     def validate(step: int) -> float:
-        loss = lm.mean_loss(model, validation_rows, pad_id, config.micro_batch_size, device, dtype)
+        loss = lm.mean_loss(
+            model, validation_rows, pad_id, config.micro_batch_size, device, dtype, world
+        )
         report.history.append({"step": step, "validation_loss": loss})
         if tracker:
             tracker.log_metrics({"validation_loss": loss}, step)
         return loss
 
     # --- train -----------------------------------------------------------------------------
-    print(
-        f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {device.type}, "
+    log = print if world.is_main else _quiet
+    log(
+        f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {world.size}x{device.type}, "
         f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
         "validation conversations",
         flush=True,
@@ -249,9 +269,9 @@ def run(
         start_step, early_stopping, report, best_state = restore(
             checkpoint, model, optimizer, scheduler
         )
-        for _ in range(start_step * config.gradient_accumulation_steps):
-            next(micro_batches)  # the data position: the order is a function of the seed
-        print(f"[finetune] resumed from {checkpoint_uri} at step {start_step}", flush=True)
+        for _ in range(start_step):
+            next(windows)  # the data position: the order is a function of the seed
+        log(f"[finetune] resumed from {checkpoint_uri} at step {start_step}", flush=True)
     else:
         start_step = 0
         early_stopping.update(validate(0), step=0)
@@ -278,26 +298,37 @@ def run(
             }
             (folder / "trainer_state.json").write_text(json.dumps(state))
 
-        store.save(step, write)  # type: ignore[union-attr]
-        print(f"[finetune] checkpoint at step {step} -> {checkpoint_uri}", flush=True)
+        if world.is_main:
+            store.save(step, write)  # type: ignore[union-attr]
+            print(f"[finetune] checkpoint at step {step} -> {checkpoint_uri}", flush=True)
+        world.barrier()
 
     progress = Progress("finetune", total_steps - start_step, "steps")
     window_seconds, window_tokens = 0.0, 0
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         step_start = time.perf_counter()
-        window_batches = [next(micro_batches) for _ in range(config.gradient_accumulation_steps)]
-        window_loss_tokens = sum(row["num_loss_tokens"] for b in window_batches for row in b)
+        rows_of_step = next(windows)
+        # Normalize by the loss-bearing tokens of the whole global window; DDP averages
+        # gradients over processes, so scale by their number to keep the sum.
+        window_loss_tokens = sum(row["num_loss_tokens"] for row in rows_of_step)
+        step_tokens = sum(row["num_tokens"] for row in rows_of_step)
+        micro_batches = list(lm.batches(rows_of_step, config.micro_batch_size))[
+            world.rank :: world.size
+        ]
         loss_total = 0.0
-        for rows in window_batches:
+        for index, rows in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in lm.collate(rows, pad_id).items()}
-            with lm.autocast(device, dtype):
-                loss, _ = lm.loss_sum(model, batch)
-            (loss / window_loss_tokens).backward()
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or world.size == 1 else loss_module.no_sync()
+            with sync, lm.autocast(device, dtype):
+                loss = loss_module(batch)
+            with sync:
+                (loss * world.size / window_loss_tokens).backward()
             loss_total += float(loss.detach())
-            window_tokens += sum(row["num_tokens"] for row in rows)
-            report.tokens += sum(row["num_tokens"] for row in rows)
-        loss_value = loss_total / window_loss_tokens
+        loss_value = world.sum(loss_total)[0] / window_loss_tokens
+        window_tokens += step_tokens
+        report.tokens += step_tokens
         if not math.isfinite(loss_value):
             raise SftpipeError(
                 "finetune",
@@ -326,33 +357,35 @@ def run(
             report.history.append({"step": step} | metrics)
             if tracker:
                 tracker.log_metrics(metrics, step)
-            progress.update(
-                step - start_step,
-                f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
-                f"{tokens_per_second:.0f} tok/s",
-            )
+            if world.is_main:
+                progress.update(
+                    step - start_step,
+                    f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
+                    f"{tokens_per_second:.0f} tok/s",
+                )
             window_seconds, window_tokens = 0.0, 0
 
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
             if early_stopping.update(validation_loss, step):
                 best_state = _cpu_copy(model)
-            print(
+            log(
                 f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
                 f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
                 flush=True,
             )
             if early_stopping.stop:
                 report.stopped_early = True
-                print(
+                log(
                     f"[finetune] early stop: no improvement in {early_stopping.stale} validations",
                     flush=True,
                 )
                 break
 
-        if store and step < total_steps and (step % config.checkpoint_every == 0 or sigterm.set):
+        stop_requested = world.any(sigterm.set)
+        if store and step < total_steps and (step % config.checkpoint_every == 0 or stop_requested):
             save_checkpoint(step)
-        if sigterm.set:
+        if stop_requested:
             saved = "checkpoint saved" if store else "no checkpoint (no --checkpoint-uri)"
             raise SftpipeError(
                 "finetune",
@@ -365,7 +398,7 @@ def run(
     report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
     report.epochs = report.steps * window / len(train_rows)
-    print(
+    log(
         f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
         f"{report.tokens_per_second:.0f} tok/s, best validation loss "
         f"{report.best_validation_loss:.4f} (step {report.best_step})",
@@ -373,10 +406,12 @@ def run(
     )
 
     # --- export ----------------------------------------------------------------------------
-    model.load_state_dict(best_state)
-    with storage.atomic_dir(output_dir) as tmp:
-        lora.save(model, tokenizer, tmp)
-        (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
+    if world.is_main:
+        model.load_state_dict(best_state)
+        with storage.atomic_dir(output_dir) as tmp:
+            lora.save(model, tokenizer, tmp)
+            (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
+    world.barrier()
     if tracker:
         tracker.log_metrics(
             {

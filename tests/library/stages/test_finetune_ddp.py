@@ -1,0 +1,62 @@
+"""torchrun with 2 CPU processes (gloo) ends with the weights of one process that accumulates
+the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from sftpipe.config import TrainConfig
+from sftpipe.stages import finetune
+
+COMMON = dict(
+    max_steps=6,
+    learning_rate=2e-3,
+    precision="fp32",
+    eval_every=3,
+    micro_batch_size=4,
+    early_stopping_patience=0,
+)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tokenized, tmp_path):
+    single = TrainConfig(gradient_accumulation_steps=2, **COMMON)
+    report = finetune.run(single, str(tiny_model_dir), *tokenized, tmp_path / "single")
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sftpipe.stages.finetune",
+        "--base-model",
+        str(tiny_model_dir),
+        "--train",
+        str(tokenized[0]),
+        "--validation",
+        str(tokenized[1]),
+        "--output",
+        str(tmp_path / "ddp"),
+        "--config",
+        json.dumps(COMMON),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2xcpu" in done.stdout
+    assert done.stdout.count("[finetune] done:") == 1  # only the main process reports
+
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("single", "ddp"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    log = json.loads((tmp_path / "ddp" / finetune.TRAINING_LOG).read_text())
+    assert (
+        log["best_validation_loss"] == report.best_validation_loss
+        or abs(log["best_validation_loss"] - report.best_validation_loss) < 1e-4
+    )
