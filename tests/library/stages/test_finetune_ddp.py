@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,7 +57,4 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, toke
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     log = json.loads((tmp_path / "ddp" / finetune.TRAINING_LOG).read_text())
-    assert (
-        log["best_validation_loss"] == report.best_validation_loss
-        or abs(log["best_validation_loss"] - report.best_validation_loss) < 1e-4
-    )
+    assert log["best_validation_loss"] == pytest.approx(report.best_validation_loss, abs=1e-4)
