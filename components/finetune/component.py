@@ -14,6 +14,7 @@ def finetune(
     micro_batch_size: int,
     gradient_accumulation_steps: int,
     warmup_ratio: float,
+    lr_schedule: str,
     weight_decay: float,
     max_grad_norm: float,
     seed: int,

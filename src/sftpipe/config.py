@@ -26,6 +26,7 @@ from sftpipe.errors import SftpipeError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
+Schedule = Literal["cosine", "linear"]
 
 
 class Section(BaseModel):
@@ -125,7 +126,10 @@ class TrainConfig(Section):
         0.05,
         ge=0.0,
         lt=1.0,
-        description="Fraction of steps with linear learning-rate warmup before cosine decay.",
+        description="Fraction of steps with linear learning-rate warmup before the decay.",
+    )
+    lr_schedule: Schedule = Field(
+        "cosine", description="Decay after warmup, down to 10% of the peak learning rate."
     )
     weight_decay: float = Field(
         0.0, ge=0.0, description="AdamW weight decay (never applied to biases and norms)."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -103,6 +104,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_matmul_flops(
+    device: torch.device, dtype: torch.dtype | None, seconds: float = 0.3
+) -> float:
+    """Measured dense matmul FLOP/s in the training precision on this device: the denominator
+    of MFU (model FLOPs utilization). Measured, not looked up, so it holds for any CPU or GPU."""
+    size = 2048 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.matmul(a, b)  # warm-up: kernels, thread pool
+    sync()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        calls += 1
+        if calls % 8 == 0:
+            sync()
+    sync()
+    return 2 * size**3 * calls / (time.perf_counter() - start)
 
 
 def default_device() -> torch.device:

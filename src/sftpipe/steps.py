@@ -127,9 +127,14 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
         if config.checkpoint_uri
         else ""
     )
-    report = finetune_stage.run(
-        config, base.base_model, train.path, validation.path, model.path, tracker, checkpoints
+    tracker.log_dataset("train", train.uri, train.metadata.get("digest", ""), "training")
+    tracker.log_dataset(
+        "validation", validation.uri, validation.metadata.get("digest", ""), "validation"
     )
+    with tracker.system_metrics():
+        report = finetune_stage.run(
+            config, base.base_model, train.path, validation.path, model.path, tracker, checkpoints
+        )
     model.metadata.update(
         base_model=base.base_model, best_step=report.best_step, framework="transformers"
     )

@@ -8,8 +8,10 @@ step metrics of finetune, evaluation metrics and the reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,29 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, uri: str, digest: str, context: str) -> None:
+        """Record a dataset as an input of the run, with its digest and where it lives."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        try:
+            source = resolve_dataset_source(uri)
+        except Exception:  # a scheme MLflow has no source type for (minio://, gs://...)
+            source = HTTPDatasetSource(uri)
+        dataset = MetaDataset(source, name=name, digest=digest[:36] or None)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.log_input(dataset, context=context)
+
+    @contextlib.contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """CPU, memory, disk, network (and GPU) utilization sampled into the run meanwhile."""
+        import mlflow
+
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=True):
+            yield
 
 
 def open_run(experiment: str, pipeline_run_id: str, run_name: str = "") -> Tracker:

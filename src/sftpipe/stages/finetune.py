@@ -54,6 +54,7 @@ class TrainReport:
     tokens: int = 0
     loss_tokens: int = 0
     tokens_per_second: float = 0.0
+    mfu: float = 0.0
     seconds: float = 0.0
     precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list)
@@ -93,12 +94,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warmup to 1, then cosine decay to `floor` at the last step."""
+def lr_factor(
+    step: int, total: int, warmup: int, floor: float = 0.1, shape: str = "cosine"
+) -> float:
+    """Linear warmup to 1, then cosine (or linear) decay to `floor` at the last step."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup - 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    decay = 1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * decay
 
 
 def shuffled_windows(
@@ -145,7 +149,7 @@ class _SigtermFlag:
 
 
 def restore(
-    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any
 ) -> tuple[int, EarlyStopping, TrainReport, dict[str, torch.Tensor]]:
     """Load a checkpoint written by `run` into the model and optimizer; returns the step, the
     early-stopping state, the report so far and the best weights."""
@@ -154,6 +158,7 @@ def restore(
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
+    scaler.load_state_dict(trainer["scaler"])
     torch.set_rng_state(trainer["rng"])
     state = json.loads((folder / "trainer_state.json").read_text())
     best = weights["best"] if weights["best"] is not None else _cpu_copy(model)
@@ -222,8 +227,15 @@ def run(
         eps=1e-8,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, shape=config.lr_schedule)
     )
+    # MFU: ~6 FLOPs per parameter per token for a full fine-tune (forward 2, backward 4); ~4
+    # with frozen base weights (no weight gradients), against this device's measured peak.
+    parameters = sum(p.numel() for p in model.parameters())
+    flops_per_token = (6 if config.method == "full" else 4) * parameters
+    peak_flops = lm.peak_matmul_flops(device, dtype)
+    # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     windows = shuffled_windows(train_rows, window, config.seed)
     pad_id = tokenizer.pad_token_id
     loss_module: Any = lm.TokenLoss(model)
@@ -240,7 +252,8 @@ def run(
                 "train.autocast": report.precision,
                 "train.total_steps": total_steps,
                 "train.train_rows": len(train_rows),
-                "train.parameters": sum(p.numel() for p in model.parameters()),
+                "train.parameters": parameters,
+                "train.peak_matmul_tflops": round(peak_flops / 1e12, 3),
             }
         )
 
@@ -267,7 +280,7 @@ def run(
     checkpoint = store.latest(resume_dir) if store else None
     if checkpoint:
         start_step, early_stopping, report, best_state = restore(
-            checkpoint, model, optimizer, scheduler
+            checkpoint, model, optimizer, scheduler, scaler
         )
         for _ in range(start_step):
             next(windows)  # the data position: the order is a function of the seed
@@ -287,6 +300,7 @@ def run(
                 {
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
                 },
                 folder / "trainer.pt",
@@ -324,7 +338,7 @@ def run(
             with sync, lm.autocast(device, dtype):
                 loss = loss_module(batch)
             with sync:
-                (loss * world.size / window_loss_tokens).backward()
+                scaler.scale(loss * world.size / window_loss_tokens).backward()
             loss_total += float(loss.detach())
         loss_value = world.sum(loss_total)[0] / window_loss_tokens
         window_tokens += step_tokens
@@ -335,10 +349,12 @@ def run(
                 f"loss is {loss_value} at step {step}",
                 "lower --learning-rate or use --precision fp32",
             )
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), config.max_grad_norm or float("inf")
         )
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         report.steps, report.train_loss = step, loss_value
@@ -353,6 +369,7 @@ def run(
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens_per_second": tokens_per_second,
+                "mfu": flops_per_token * tokens_per_second / peak_flops,
             }
             report.history.append({"step": step} | metrics)
             if tracker:
@@ -361,7 +378,7 @@ def run(
                 progress.update(
                     step - start_step,
                     f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
-                    f"{tokens_per_second:.0f} tok/s",
+                    f"{tokens_per_second:.0f} tok/s | MFU {metrics['mfu']:.1%}",
                 )
             window_seconds, window_tokens = 0.0, 0
 
@@ -397,10 +414,11 @@ def run(
     report.seconds += window_seconds  # training time only; validation is not counted
     report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
+    report.mfu = flops_per_token * report.tokens_per_second / peak_flops
     report.epochs = report.steps * window / len(train_rows)
     log(
         f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
-        f"{report.tokens_per_second:.0f} tok/s, best validation loss "
+        f"{report.tokens_per_second:.0f} tok/s (MFU {report.mfu:.1%}), best validation loss "
         f"{report.best_validation_loss:.4f} (step {report.best_step})",
         flush=True,
     )

@@ -131,3 +131,19 @@ def test_bad_inputs_fail_before_training(tiny_model_dir, tokenized, tmp_path):
             tmp_path / "o3",
         )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_linear_schedule_decays_linearly():
+    factors = [lr_factor(step, total=11, warmup=1, shape="linear") for step in range(11)]
+    assert factors[1] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    steps = [a - b for a, b in itertools.pairwise(factors[1:])]
+    assert max(steps) == pytest.approx(min(steps))
+
+
+def test_fp16_uses_loss_scaling_and_reports_mfu(tiny_model_dir, tokenized, tmp_path):
+    config = TrainConfig(max_steps=6, learning_rate=3e-3, precision="fp16", eval_every=3)
+    report = finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "out")
+    assert report.precision == "float16"
+    assert report.best_validation_loss < report.history[0]["validation_loss"]
+    assert 0 < report.mfu < 1
+    assert all(0 < h["mfu"] < 1 for h in report.history if "mfu" in h)
