@@ -17,18 +17,49 @@ IGNORE_INDEX = -100
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized rows into tensors. Padding is excluded by the attention
-    mask and by IGNORE_INDEX labels, never by token id (pad may equal end-of-turn)."""
+    """Right-pad tokenized rows into tensors. Padding never carries a label (IGNORE_INDEX) and is
+    never found by token id (pad may equal end-of-turn).
+
+    Plain rows (one conversation each) get an attention mask. Packed rows (several samples,
+    `position_ids` restarting at 0 per sample) get position_ids and no mask: the model then
+    keeps the samples apart (see `isolates_packed_samples`), and trailing padding, a segment
+    of its own, is never attended to by real tokens under the causal mask."""
+    packed = "position_ids" in rows[0]
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    mask_or_positions = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.tensor(row["input_ids"])
         labels[i, :n] = torch.tensor(row["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            mask_or_positions[i, :n] = torch.tensor(row["position_ids"])
+            mask_or_positions[i, n:] = torch.arange(width - n)
+        else:
+            mask_or_positions[i, :n] = 1
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": input_ids, "labels": labels, key: mask_or_positions}
+
+
+@torch.no_grad()
+def isolates_packed_samples(model: Any, device: torch.device) -> bool:
+    """Whether this model, given position_ids that restart at 0, keeps packed samples from
+    attending to each other: two short sequences packed into one row must give the logits they
+    give alone."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training = core.training
+    core.eval()
+    vocab = core.get_input_embeddings().num_embeddings
+    first = torch.arange(3, 8, device=device).remainder(vocab)[None]
+    second = torch.arange(9, 13, device=device).remainder(vocab)[None]
+    alone = core(input_ids=second, use_cache=False).logits
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+    packed = core(
+        input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False
+    ).logits[:, 5:]
+    core.train(was_training)
+    return bool(torch.allclose(alone, packed, atol=1e-4, rtol=1e-3))
 
 
 def _projects_hidden_states_directly(model: Any) -> bool:
@@ -53,11 +84,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "use_cache": False,
-    }
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     if _projects_hidden_states_directly(model):
         hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
         logits = model.get_output_embeddings()(hidden)

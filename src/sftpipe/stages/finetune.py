@@ -215,6 +215,12 @@ def run(
             "check the tokenize step's metrics",
         )
     check_data_fits_model(train_rows + validation_rows, model, str(train_path))
+    if "position_ids" in train_rows[0] and not lm.isolates_packed_samples(model, device):
+        raise SftpipeError(
+            str(train_path),
+            f"{type(model).__name__} lets packed samples attend to each other",
+            "tokenize with --no-packing for this model",
+        )
 
     window = config.micro_batch_size * config.gradient_accumulation_steps * world.size
     steps_per_epoch = math.ceil(len(train_rows) / window)

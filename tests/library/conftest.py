@@ -1,4 +1,4 @@
-"""Fixtures shared by the stage tests."""
+"""Fixtures shared by the library tests."""
 
 import json
 

@@ -1,0 +1,45 @@
+import torch
+
+from sftpipe import lm
+from sftpipe.models import load_causal_lm, load_tokenizer
+from sftpipe.stages.tokenize import read_parquet
+
+
+def pack(rows):
+    """One packed row from several tokenized rows: positions restart at 0 per sample."""
+    return {
+        "input_ids": [t for r in rows for t in r["input_ids"]],
+        "labels": [t for r in rows for t in r["labels"]],
+        "position_ids": [i for r in rows for i in range(len(r["input_ids"]))],
+        "num_tokens": sum(r["num_tokens"] for r in rows),
+        "num_loss_tokens": sum(r["num_loss_tokens"] for r in rows),
+    }
+
+
+def test_packed_rows_give_the_loss_and_gradient_of_separate_rows(tiny_model_dir, tokenized):
+    model, pad = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir).pad_token_id
+    assert lm.isolates_packed_samples(model, torch.device("cpu"))
+    rows = read_parquet(tokenized[0])[:6]
+    packed = [pack(rows[:4]), pack(rows[4:])]  # two bins of different lengths: one is padded
+    batch = lm.collate(packed, pad)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss, count = lm.loss_sum(model, batch)
+        loss.backward()
+        return float(loss), count, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    packed_loss, packed_count, packed_grads = loss_and_grads(batch)
+    plain_loss, plain_count, plain_grads = loss_and_grads(lm.collate(rows, pad))
+    assert packed_count == plain_count == sum(r["num_loss_tokens"] for r in rows)
+    assert abs(packed_loss - plain_loss) < 1e-3
+    torch.testing.assert_close(packed_grads, plain_grads, atol=1e-5, rtol=1e-3)
+
+
+def test_plain_rows_get_an_attention_mask_and_no_label_on_padding():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = lm.collate(rows, pad_id=2)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
