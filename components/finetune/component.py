@@ -29,6 +29,7 @@ def finetune(
     lora_target_modules: str,
     use_dora: bool,
     gradient_checkpointing: bool,
+    compile: bool,
     checkpoint_uri: str,
     checkpoint_every: int,
     keep_checkpoints: int,

@@ -174,6 +174,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% more compute."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer: faster steps after a one-time compilation "
+        "of tens of seconds.",
+    )
     checkpoint_uri: str = Field(
         "",
         description="Where to keep resumable checkpoints (local dir or s3://bucket/prefix; the "

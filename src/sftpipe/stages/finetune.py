@@ -207,6 +207,11 @@ def run(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.method in ("lora", "qlora"):
         model = lora.apply(model, config)
+    if config.compile:
+        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
+        # dynamic shapes, since every micro-batch has its own width.
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.base_model.compile(dynamic=True)
     train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
     if not train_rows or not validation_rows:
         raise SftpipeError(

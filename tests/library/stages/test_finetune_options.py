@@ -55,3 +55,15 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, token
     )
     assert ckpt.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
     assert ckpt.best_validation_loss == pytest.approx(plain.best_validation_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tokenized, tmp_path):
+    config = dict(FAST, max_steps=3, eval_every=3)
+    eager = finetune.run(TrainConfig(**config), str(tiny_model_dir), *tokenized, tmp_path / "a")
+    compiled = finetune.run(
+        TrainConfig(compile=True, **config), str(tiny_model_dir), *tokenized, tmp_path / "b"
+    )
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-4)
+    merged = load_file(tmp_path / "b" / "model.safetensors")
+    assert set(merged) == set(load_file(tmp_path / "a" / "model.safetensors"))
