@@ -95,6 +95,7 @@ def build_pipeline(gpu: bool = True) -> Any:
             model=finetune_task.outputs["model"],
             cleaned=clean_task.outputs["cleaned"],
             train=tokenize_task.outputs["train"],
+            validation=tokenize_task.outputs["validation"],
             evaluation=evaluate_task.outputs["metrics"],
             **_inputs(register, values),
             pipeline_run_id=run_id,

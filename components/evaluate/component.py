@@ -9,14 +9,19 @@ def evaluate(
     validation: Input[Dataset],
     base_model: str,
     eval_batch_size: int,
+    eval_prompts: int,
     num_samples: int,
     max_new_tokens: int,
+    gate_metric: str,
+    min_improvement: float,
+    gate_guards: str,
     mlflow_experiment: str,
     pipeline_run_id: str,
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
-    """Validation loss/perplexity and greedy sample answers, base vs tuned; an HTML report."""
+    """Base vs tuned on the validation set: loss/perplexity, greedy answers scored with
+    ROUGE-L/chrF/BLEU, EOS rate and length; the quality gate's decision; an HTML report."""
     inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 

@@ -3,6 +3,8 @@
     sftpipe run      the whole pipeline on this machine (KFP local runner), demo defaults
     sftpipe compile  write the pipeline YAML for a Kubeflow cluster
     sftpipe submit   submit the compiled pipeline to a KFP API endpoint
+    sftpipe chat     talk to a model (models:/NAME@champion or a folder) in the terminal
+    sftpipe models   list registered model versions with their aliases and key metrics
 
 Every pipeline parameter is a flag of `run` and `submit`, generated from `sftpipe.config`:
 its help is the field's description, its default the field's default.
@@ -107,6 +109,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY_METRICS = (
+    "validation_loss",
+    "perplexity",
+    "rouge_l",
+    "chrf",
+    "bleu",
+    "eos_rate",
+    "mean_response_tokens",
+)
+
+
 def print_summary(config: PipelineConfig, result: Any) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -120,21 +133,22 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
     name = config.registry.model_name
     if not result.model_uri:
         print(
-            "[sftpipe] the tuned model did not beat the base model: nothing registered "
+            "[sftpipe] the tuned model did not pass the quality gate: nothing registered "
             "(see the evaluate report and the MLflow run's sftpipe.gate tag)"
         )
     else:
-        version = MlflowClient(result.tracking_uri).get_model_version_by_alias(name, "challenger")
-        print(f"[sftpipe] registered {name} version {version.version} ({result.model_uri})")
-        for key in (
-            "base_validation_loss",
-            "tuned_validation_loss",
-            "base_perplexity",
-            "tuned_perplexity",
-        ):
-            if key in version.tags:
-                print(f"    {key:<22} {version.tags[key]}")
+        number = result.model_uri.rsplit("/", 1)[-1]
+        version = MlflowClient(result.tracking_uri).get_model_version(name, number)
+        aliases = ", ".join(sorted(version.aliases)) or "none"
+        print(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
+        print(f"    {'metric':<22} {'base':>10} {'tuned':>10}")
+        for key in SUMMARY_METRICS:
+            base, tuned = version.tags.get(f"base_{key}"), version.tags.get(f"tuned_{key}")
+            if base is not None and tuned is not None:
+                print(f"    {key:<22} {base:>10} {tuned:>10}")
+        print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
         print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
+        print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}")
     print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
 
 
@@ -177,6 +191,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sftpipe import chat
+
+    return chat.main(args.model, args.system, args.max_new_tokens, args.temperature, args.workdir)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from sftpipe import registry
+
+    registry.use_local_store(args.workdir)
+    print(registry.format_table(registry.version_rows(MlflowClient(), args.name)))
+    return 0
+
+
+def add_model_commands(commands: Any) -> None:
+    """`chat` and `models`: using the registered models."""
+    workdir_help = "store of `sftpipe run` when MLFLOW_TRACKING_URI is not set (default: .sftpipe)"
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (streaming)")
+    chat.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a save_pretrained folder or s3:// prefix",
+    )
+    chat.add_argument("--system", default="", help="system prompt leading the conversation")
+    chat.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer budget in tokens (default: 256)"
+    )
+    chat.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    chat.add_argument("--workdir", type=Path, default=Path(".sftpipe"), help=workdir_help)
+    chat.set_defaults(handler=cmd_chat)
+
+    listing = commands.add_parser("models", help="list registered versions, aliases, metrics")
+    listing.add_argument("name", nargs="?", default="", help="registered model (default: all)")
+    listing.add_argument("--workdir", type=Path, default=Path(".sftpipe"), help=workdir_help)
+    listing.set_defaults(handler=cmd_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-name", default="", help="KFP run name")
     add_config_flags(submit)
     submit.set_defaults(handler=cmd_submit)
+    add_model_commands(commands)
     return parser
 
 

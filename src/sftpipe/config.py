@@ -20,8 +20,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sftpipe import gate
 from sftpipe.errors import SftpipeError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -194,26 +195,65 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """evaluate: base vs tuned on the validation set."""
 
-    eval_batch_size: int = Field(8, ge=1, description="Conversations per evaluation batch.")
+    eval_batch_size: int = Field(
+        8, ge=1, description="Conversations per evaluation batch (loss and generation)."
+    )
+    eval_prompts: int = Field(
+        64,
+        ge=0,
+        description="Validation prompts both models answer (greedy) for ROUGE-L, chrF, BLEU, the "
+        "EOS rate and the response length (0: no generation metrics).",
+    )
     num_samples: int = Field(
-        6, ge=0, description="Validation prompts answered by both models in the report."
+        6, ge=0, description="Of those answers, how many the report shows side by side."
     )
     max_new_tokens: int = Field(
-        48, ge=1, le=4096, description="Generation budget per sample answer (greedy)."
+        48,
+        ge=1,
+        le=4096,
+        description="Generation budget per answer (greedy); also the registered model's default.",
     )
 
 
 class RegisterConfig(Section):
-    """register: log the tuned model to MLflow and register it if it beats the base."""
+    """register: the quality gate, then MLflow registration with champion/challenger aliases."""
 
     model_name: str = Field(
         "sftpipe-chat", min_length=1, description="Registered model name in the MLflow registry."
     )
+    gate_metric: str = Field(
+        "",
+        description="Primary metric of the quality gate: validation_loss, perplexity, rouge_l, "
+        "chrf, bleu or eos_rate (empty: the task's own, validation_loss for chat).",
+    )
     min_improvement: float = Field(
         0.0,
-        description="Register only when the tuned validation loss is lower than the base's by "
-        "more than this.",
+        description="The tuned model must beat the base (and a new champion the old one) on the "
+        "gate metric by more than this, in the metric's units.",
     )
+    gate_guards: str = Field(
+        "",
+        description="Guard metrics that must not regress, as metric:allowed_regression pairs "
+        "separated by commas, e.g. eos_rate:0.05,chrf:1 (empty: the task's own, eos_rate:0.05 "
+        "for chat; none: no guards).",
+    )
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return gate.check_metric(value) if value else value
+
+    @field_validator("gate_guards")
+    @classmethod
+    def _parsable_guards(cls, value: str) -> str:
+        if value:
+            gate.parse_guards(value)
+        return value
+
+    def gate_spec(self, task: str = "chat") -> gate.GateSpec:
+        return gate.GateSpec.from_fields(
+            self.gate_metric, self.min_improvement, self.gate_guards, task
+        )
 
 
 class TrackingConfig(Section):

@@ -36,6 +36,8 @@ from sftpipe.stages import register as register_stage
 from sftpipe.stages import tokenize as tokenize_stage
 
 RUNTIME_INPUTS = ("pipeline_run_id",)  # component inputs that are not config fields
+BASE_MODEL_DIGEST_TAG = "sftpipe.base_model_digest"
+CODE_VERSION_ENV = "SFTPIPE_CODE_VERSION"
 
 
 def run_step(step: str, **inputs: Any) -> Any:
@@ -157,44 +159,104 @@ def evaluate(
     params: dict[str, Any], model: Any, validation: Any, metrics: Any, report: Any
 ) -> None:
     config, base = EvalConfig.from_values(params), ModelConfig.from_values(params)
+    # Only the gate fields of the registry section are inputs here (register logs them all).
+    registry_config = RegisterConfig.from_values(params)
     tracker = _tracker(params, config)
-    result = evaluate_stage.run(config, base.base_model, model.path, validation.path, report.path)
+    result = evaluate_stage.run(
+        config,
+        registry_config.gate_spec(),
+        base.base_model,
+        model.path,
+        validation.path,
+        report.path,
+    )
     _record(metrics, tracker, "evaluate", result.metrics)
+    # The decision in words next to the numbers (gate_passed is 1.0 or 0.0).
+    metrics.metadata["gate_decision"] = result.decision.summary()
+    report.metadata.update(base_model_digest=result.base_model_digest)
+    tracker.set_tags(
+        {
+            register_stage.GATE_TAG: result.decision.summary()[:4900],
+            BASE_MODEL_DIGEST_TAG: result.base_model_digest,
+        }
+    )
     _log_bytes(tracker, "reports/evaluation.html", Path(report.path).read_bytes())
+    for name, png in result.plots.items():
+        _log_bytes(tracker, f"plots/{name}", png)
     samples = [vars(s) for s in result.samples]
     _log_bytes(
         tracker, "reports/samples.json", json.dumps(samples, indent=1, ensure_ascii=False).encode()
     )
 
 
-def register(params: dict[str, Any], model: Any, cleaned: Any, train: Any, evaluation: Any) -> str:
-    """Returns the registered model's URI (models:/NAME@challenger), or "" when the gate
-    refused it."""
+def code_version() -> str:
+    """sftpipe's version and, from a git checkout, its commit (`-dirty` with local changes).
+    Images set SFTPIPE_CODE_VERSION instead."""
+    import subprocess
+
+    import sftpipe
+
+    if os.environ.get(CODE_VERSION_ENV):
+        return os.environ[CODE_VERSION_ENV]
+    root = Path(sftpipe.__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return sftpipe.__version__
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return f"{sftpipe.__version__}+{commit}" if commit else sftpipe.__version__
+
+
+def register(
+    params: dict[str, Any],
+    model: Any,
+    cleaned: Any,
+    train: Any,
+    validation: Any,
+    evaluation: Any,
+) -> str:
+    """Returns the registered version's URI (models:/NAME/VERSION), or "" when the gate
+    refused the model."""
     config, evaluation_config = RegisterConfig.from_values(params), EvalConfig.from_values(params)
     tracker = _tracker(params, config)
-    run_params = tracker.client.get_run(tracker.run_id).data.params
+    run = tracker.client.get_run(tracker.run_id).data
     config_blob = json.dumps(
-        {k: v for k, v in sorted(run_params.items()) if k.startswith("config.")}
+        {k: v for k, v in sorted(run.params.items()) if k.startswith("config.")}
     ).encode()
     lineage = {
         "sftpipe.pipeline_run_id": params["pipeline_run_id"],
         "sftpipe.base_model": str(model.metadata.get("base_model", "")),
+        "sftpipe.base_model_digest": run.tags.get(BASE_MODEL_DIGEST_TAG, ""),
         "sftpipe.data.source": str(cleaned.metadata.get("source", "")),
         "sftpipe.data.input_digest": str(cleaned.metadata.get("input_digest", "")),
         "sftpipe.data.cleaned_digest": str(cleaned.metadata.get("digest", "")),
         "sftpipe.data.train_digest": str(train.metadata.get("digest", "")),
+        "sftpipe.data.validation_digest": str(validation.metadata.get("digest", "")),
         "sftpipe.config_digest": hashlib.sha256(config_blob).hexdigest()[:16],
+        "sftpipe.code_version": code_version(),
         "sftpipe.mlflow_run_id": tracker.run_id,
+    }
+    scores = {
+        k: float(v)
+        for k, v in evaluation.metadata.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }
     result = register_stage.run(
         config,
+        evaluation_config,
         model.path,
-        dict(evaluation.metadata),
+        validation.path,
+        scores,
         lineage,
         tracker,
-        evaluation_config.max_new_tokens,
     )
     if result.registered:
+        tracker.log_metrics({"register.champion": float(result.champion)})
         url = tracking.model_version_url(config.model_name, result.version)
         print(f"[register] browse it: {url}", flush=True)
     return result.model_uri

@@ -58,15 +58,19 @@ def test_pipeline_registers_a_better_model(
 
     result = run_local(config, tmp_path / "work")
 
-    assert result.model_uri == f"models:/{name}@challenger"
+    assert result.model_uri == f"models:/{name}/1"
     client = MlflowClient()
-    version = client.get_model_version_by_alias(name, "challenger")
+    version = client.get_model_version_by_alias(name, "champion")  # the first one: both aliases
+    assert version.version == "1" and set(version.aliases) == {"champion", "challenger"}
     tags = version.tags
     assert tags["sftpipe.data.input_digest"] == data_digest
     assert tags["sftpipe.data.source"] == data_uri
     assert tags["sftpipe.base_model"] == tiny_model_s3_uri
     assert len(tags["sftpipe.config_digest"]) == 16 and tags["sftpipe.pipeline_run_id"]
     assert float(tags["tuned_validation_loss"]) < float(tags["base_validation_loss"])
+    assert tags["sftpipe.data.validation_digest"] and len(tags["sftpipe.base_model_digest"]) == 64
+    assert tags["sftpipe.code_version"].startswith("0.1.0")
+    assert tags["sftpipe.gate"].startswith("passed (tuned vs base): ")
 
     run = client.get_run(version.run_id)
     assert run.data.tags["sftpipe.pipeline_run_id"] == tags["sftpipe.pipeline_run_id"]
@@ -81,7 +85,10 @@ def test_pipeline_registers_a_better_model(
         for folder in ("reports", "plots")
         for a in client.list_artifacts(run.info.run_id, folder)
     }
-    assert {"reports/samples.json", "plots/loss_curve.png"} <= artifacts
+    assert {"reports/samples.json", "plots/loss_curve.png", "plots/generation_metrics.png"} <= (
+        artifacts
+    )
+    assert run.data.metrics["evaluate.gate_passed"] == 1.0
     assert any(path.endswith(".html") for path in artifacts)
 
     # KFP outputs on disk: the quarantine says why each bad row was dropped.
@@ -90,8 +97,8 @@ def test_pipeline_registers_a_better_model(
     assert reasons == ["empty_conversation", "malformed_json"]
 
     model = mlflow.pyfunc.load_model(result.model_uri)
-    (answer,) = model.predict(["What is 3 plus 3?"])
-    assert isinstance(answer, str)
+    (answer,) = model.predict({"messages": [{"role": "user", "content": "What is 3 plus 3?"}]})
+    assert isinstance(answer["choices"][0]["message"]["content"], str)
 
 
 def test_failed_step_is_one_line_and_publishes_nothing(

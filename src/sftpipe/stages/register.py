@@ -1,25 +1,39 @@
-"""register: log the tuned model to MLflow and register it when it beats the base model.
+"""register: enforce the quality gate, register the tuned model, and run champion/challenger.
 
-The gate: the tuned model's validation loss must be lower than the base model's by more than
-`min_improvement`. A passing model is logged with `mlflow.transformers.log_model` (explicit pip
-requirements, a generation budget), registered as a new version of `model_name`, tagged with
-its lineage and metrics, and given the alias `challenger`. A failing one is not registered; the
-MLflow run records why.
+1. The gate (`sftpipe.gate`) is applied again to the evaluation metrics: tuned vs base on the
+   primary metric with a margin, no guard metric regressing beyond its allowance. A refused
+   model is not registered; the MLflow run's `sftpipe.gate` tag says why.
+2. A passing model is logged with `mlflow.transformers.log_model` as an `llm/v1/chat` model
+   (OpenAI-style chat signature, an input example, explicit pip requirements, a greedy
+   generation budget) and registered as a new version of `model_name`, created with its tags:
+   lineage (pipeline run, data and base-model digests, config digest, code version), the gate
+   decision and the metrics; its description carries the metrics table.
+3. The new version gets the alias `challenger`. It takes `champion` only if it beats the
+   current champion, re-scored here on this run's validation set with the same gate (old tags
+   are never trusted: they were measured on other data); the first passing model becomes the
+   first champion.
+
+Retrying the step is safe: a version already registered by the same pipeline run is found by
+its `sftpipe.pipeline_run_id` tag and reused, never duplicated. MLflow calls are retried with
+backoff (`sftpipe.registry.retrying`) and end in one clear line.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftpipe.config import RegisterConfig
-from sftpipe.errors import SftpipeError
-from sftpipe.tracking import Tracker
+from sftpipe import gate, lm, models, registry
+from sftpipe.config import EvalConfig, RegisterConfig
+from sftpipe.stages import evaluate
+from sftpipe.tracking import PIPELINE_RUN_TAG, Tracker
 
-ALIAS = "challenger"
 GATE_TAG = "sftpipe.gate"
+CHAMPION_TAG = "sftpipe.champion"
+INPUT_EXAMPLE_PROMPT = "Hello! What can you do?"
 
 
 @dataclass(frozen=True)
@@ -29,17 +43,8 @@ class RegisterResult:
     model_name: str = ""
     version: str = ""
     model_uri: str = ""
-
-
-def gate(config: RegisterConfig, metrics: dict[str, float]) -> tuple[bool, str]:
-    improvement = metrics["validation_loss_improvement"]
-    base, tuned = metrics["base_validation_loss"], metrics["tuned_validation_loss"]
-    verdict = improvement > config.min_improvement
-    relation = ">" if verdict else "<="
-    return verdict, (
-        f"validation loss {base:.4f} -> {tuned:.4f}: improvement {improvement:.4f} "
-        f"{relation} min_improvement {config.min_improvement}"
-    )
+    champion: bool = False
+    champion_reason: str = ""
 
 
 def pip_requirements() -> list[str]:
@@ -49,56 +54,173 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in packages]
 
 
-def run(
-    config: RegisterConfig,
-    model_dir: str | Path,
-    metrics: dict[str, float],
-    lineage: dict[str, str],
-    tracker: Tracker,
-    max_new_tokens: int,
-) -> RegisterResult:
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The base vs tuned metrics as a Markdown table (the model version's description)."""
+    lines = ["| metric | base | tuned |", "|---|---|---|"]
+    for name in gate.prefixed(metrics, "tuned"):
+        if f"base_{name}" in metrics:
+            lines.append(
+                f"| {name} | {metrics[f'base_{name}']:.4g} | {metrics[f'tuned_{name}']:.4g} |"
+            )
+    return "\n".join(lines)
+
+
+def _log_model(model_dir: Path, tracker: Tracker, max_new_tokens: int) -> Any:
     import mlflow
     import transformers
 
-    passed, reason = gate(config, metrics)
-    tracker.set_tags({GATE_TAG: ("passed: " if passed else "rejected: ") + reason})
-    if not passed:
-        print(f"[register] not registered: {reason}", flush=True)
-        return RegisterResult(False, reason)
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "tokenizer_config.json").exists():
-        raise SftpipeError(
-            str(model_dir),
-            "the model folder has no tokenizer",
-            "the finetune output must be a save_pretrained dir with its tokenizer",
-        )
     generator = transformers.pipeline(
         "text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu"
     )
-    try:
-        with mlflow.start_run(run_id=tracker.run_id):
-            info = mlflow.transformers.log_model(
-                transformers_model=generator,
-                name="model",
-                task="text-generation",
-                pip_requirements=pip_requirements(),
-                model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
-                registered_model_name=config.model_name,
-            )
-        version = str(info.registered_model_version)
-        client: Any = tracker.client
-        for key, value in (lineage | {k: f"{v:.6g}" for k, v in metrics.items()}).items():
-            client.set_model_version_tag(config.model_name, version, key, str(value))
-        client.set_registered_model_alias(config.model_name, ALIAS, version)
-    except SftpipeError:
-        raise
-    except Exception as exc:  # mlflow surfaces REST, S3 and validation failures alike
-        raise SftpipeError(
-            mlflow.get_tracking_uri(),
-            f"registering {config.model_name!r} failed ({type(exc).__name__}: {exc})",
-            "check the MLflow server and the model name, then retry this step",
-        ) from None
-    model_uri = f"models:/{config.model_name}@{ALIAS}"
-    print(f"[register] {config.model_name} version {version} registered as {model_uri}", flush=True)
-    return RegisterResult(True, reason, config.model_name, version, model_uri)
+    with mlflow.start_run(run_id=tracker.run_id):
+        return mlflow.transformers.log_model(
+            transformers_model=generator,
+            name="model",
+            task="llm/v1/chat",
+            pip_requirements=pip_requirements(),
+            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
+            input_example={
+                "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}],
+                "max_tokens": max_new_tokens,
+            },
+        )
+
+
+def rescore_version(
+    client: Any,
+    name: str,
+    version: str,
+    eval_config: EvalConfig,
+    validation_path: str | Path,
+    with_generation: bool,
+) -> dict[str, float]:
+    """A registered version's metrics on this evaluation set (its own tokenizer; the rows are
+    re-tokenized when it tokenizes them differently)."""
+    device = lm.default_device()
+    dtype = lm.autocast_dtype("auto", device)
+    eval_set = evaluate.load_eval_set(validation_path, eval_config.eval_prompts)
+    with tempfile.TemporaryDirectory(prefix="sftpipe-champion-") as tmp:
+        folder = registry.download(f"models:/{name}/{version}", Path(tmp))
+        tokenizer = models.load_tokenizer(folder, f"models:/{name}/{version}")
+        model = models.load_causal_lm(folder, f"models:/{name}/{version}")
+        eval_set = evaluate.for_tokenizer(eval_set, tokenizer)
+        scores = evaluate.score(
+            model,
+            tokenizer,
+            eval_set,
+            eval_config,
+            device,
+            dtype,
+            f"champion v{version}",
+            with_generation=with_generation,
+        )
+    return scores.metrics
+
+
+def run(
+    config: RegisterConfig,
+    eval_config: EvalConfig,
+    model_dir: str | Path,
+    validation_path: str | Path,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    tracker: Tracker,
+) -> RegisterResult:
+    spec = config.gate_spec()
+    decision = gate.decide(spec, gate.prefixed(metrics, "base"), gate.prefixed(metrics, "tuned"))
+    tracker.set_tags({GATE_TAG: decision.summary()})
+    if not decision.passed:
+        print(f"[register] not registered: gate {decision.summary()}", flush=True)
+        return RegisterResult(False, decision.summary())
+
+    model_dir = Path(model_dir)
+    models.load_tokenizer(model_dir)  # a folder without a (chat) tokenizer fails here, in a line
+    name, client = config.model_name, tracker.client
+    registry.ensure_registered_model(client, name)
+
+    pipeline_run_id = lineage.get(PIPELINE_RUN_TAG, "")
+    existing = registry.version_of_run(client, name, pipeline_run_id) if pipeline_run_id else None
+    if existing is not None:
+        version = str(existing.version)
+        print(
+            f"[register] {name} version {version} was already registered by this pipeline run "
+            "(a retried step): reusing it",
+            flush=True,
+        )
+    else:
+        info = registry.retrying(
+            "log the model",
+            lambda: _log_model(model_dir, tracker, eval_config.max_new_tokens),
+        )
+        tags = {
+            **lineage,
+            **{k: f"{v:.6g}" for k, v in metrics.items()},
+            GATE_TAG: decision.summary()[:4900],
+        }
+        created = registry.retrying(
+            f"register a version of {name!r}",
+            lambda: client.create_model_version(
+                name,
+                info.model_uri,
+                run_id=tracker.run_id,
+                tags=tags,
+                description=f"{decision.summary()}\n\n{metrics_table(metrics)}",
+                model_id=info.model_id,
+            ),
+            "use letters, digits, '-', '_' and '.' in --model-name",
+        )
+        version = str(created.version)
+        print(f"[register] {name} version {version} registered", flush=True)
+    registry.set_alias(client, name, registry.CHALLENGER, version)
+
+    is_champion, champion_reason = _champion(
+        client, name, version, spec, metrics, eval_config, validation_path
+    )
+    registry.retrying(
+        "tag the model version",
+        lambda: client.set_model_version_tag(name, version, CHAMPION_TAG, champion_reason[:4900]),
+    )
+    tracker.set_tags({CHAMPION_TAG: champion_reason[:4900]})
+    model_uri = f"models:/{name}/{version}"
+    print(
+        f"[register] {model_uri}: alias {registry.CHALLENGER}"
+        + (f" and {registry.CHAMPION}" if is_champion else "")
+        + f" ({champion_reason})",
+        flush=True,
+    )
+    return RegisterResult(
+        True, decision.summary(), name, version, model_uri, is_champion, champion_reason
+    )
+
+
+def _champion(
+    client: Any,
+    name: str,
+    version: str,
+    spec: gate.GateSpec,
+    metrics: dict[str, float],
+    eval_config: EvalConfig,
+    validation_path: str | Path,
+) -> tuple[bool, str]:
+    """Give `version` the champion alias if it beats the current champion; say why."""
+    current = registry.version_by_alias(client, name, registry.CHAMPION)
+    if current is None:
+        registry.set_alias(client, name, registry.CHAMPION, version)
+        return True, "first champion (there was none)"
+    if str(current.version) == version:
+        return True, "already the champion"
+    print(
+        f"[register] re-scoring champion {name} version {current.version} on this evaluation set",
+        flush=True,
+    )
+    champion = rescore_version(
+        client, name, str(current.version), eval_config, validation_path, spec.needs_generation
+    )
+    challenger = gate.prefixed(metrics, "tuned")
+    duel = gate.decide(
+        spec, champion, challenger, f"champion v{current.version}", f"challenger v{version}"
+    )
+    if duel.passed:
+        registry.set_alias(client, name, registry.CHAMPION, version)
+        return True, f"took champion: {duel.summary()}"
+    return False, f"champion stays v{current.version}: {duel.summary()}"
