@@ -2,10 +2,12 @@
 
 Wiring only. The pipeline's parameters are the config fields (`sftpipe.config.FIELDS`) with
 their defaults and help text, so the KFP UI, `sftpipe run` flags and the components agree.
+Cluster settings (GPU, secrets, retries, requests) come from `cluster.ClusterOptions`.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -13,8 +15,10 @@ from kfp import dsl
 from sftpipe.components.clean import clean
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
+from sftpipe.components.images import CPU_IMAGE
 from sftpipe.components.register import register
 from sftpipe.components.tokenize import tokenize
+from sftpipe.pipelines.cluster import ClusterOptions, apply
 
 from sftpipe.config import FIELDS, PipelineConfig, kfp_type
 
@@ -55,33 +59,54 @@ def _inputs(component: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if name in wanted}
 
 
-def build_pipeline(gpu: bool = True) -> Any:
-    """The compiled-ready pipeline; `gpu=False` leaves out the accelerator request (kind)."""
+def _in_image(component: Any, image: str) -> Any:
+    """The same component running in another image (finetune on CPU nodes)."""
+    variant = copy.deepcopy(component)
+    variant.component_spec.implementation.container.image = image
+    return variant
+
+
+def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
+    """The pipeline; `cluster` adds the Kubernetes settings (None: for KFP's local runner).
+
+    Without a GPU (`ClusterOptions(gpu=False)`, kind) finetune runs in the CPU image.
+    """
     signature = parameters()
+    finetune_component = finetune
+    if cluster is not None and not cluster.gpu:
+        finetune_component = _in_image(finetune, CPU_IMAGE)
+
+    def on_cluster(task: Any, step: str) -> Any:
+        if cluster is not None:
+            apply(task, step, cluster)
+        return task
 
     def sft_pipeline(*args: Any, **kwargs: Any) -> str:
         values = signature.bind(*args, **kwargs).arguments
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         clean_task = clean(**_inputs(clean, values), pipeline_run_id=run_id)
-        clean_task.set_display_name("clean")
+        clean_task.set_display_name("clean").set_caching_options(True)
+        on_cluster(clean_task, "clean")
 
         tokenize_task = tokenize(
             cleaned=clean_task.outputs["cleaned"],
             **_inputs(tokenize, values),
             pipeline_run_id=run_id,
         )
-        tokenize_task.set_display_name("tokenize")
+        tokenize_task.set_display_name("tokenize").set_caching_options(True)
+        on_cluster(tokenize_task, "tokenize")
 
-        finetune_task = finetune(
+        # finetune, evaluate and register record this run in MLflow: a cache hit would leave
+        # the pipeline run's MLflow run without its curves, its evaluation or its model.
+        finetune_task = finetune_component(
             train=tokenize_task.outputs["train"],
             validation=tokenize_task.outputs["validation"],
-            **_inputs(finetune, values),
+            **_inputs(finetune_component, values),
             pipeline_run_id=run_id,
         )
-        finetune_task.set_display_name("finetune").set_cpu_request("4").set_memory_request("16G")
-        if gpu:
-            finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        finetune_task.set_display_name("finetune").set_caching_options(False)
+        on_cluster(finetune_task, "finetune")
 
         evaluate_task = evaluate(
             model=finetune_task.outputs["model"],
@@ -89,7 +114,8 @@ def build_pipeline(gpu: bool = True) -> Any:
             **_inputs(evaluate, values),
             pipeline_run_id=run_id,
         )
-        evaluate_task.set_display_name("evaluate").set_memory_request("8G")
+        evaluate_task.set_display_name("evaluate").set_caching_options(False)
+        on_cluster(evaluate_task, "evaluate")
 
         register_task = register(
             model=finetune_task.outputs["model"],
@@ -101,7 +127,7 @@ def build_pipeline(gpu: bool = True) -> Any:
             pipeline_run_id=run_id,
         )
         register_task.set_display_name("register").set_caching_options(False)
-        register_task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+        on_cluster(register_task, "register")
         return register_task.output
 
     sft_pipeline.__signature__ = signature  # type: ignore[attr-defined]
@@ -112,3 +138,4 @@ def build_pipeline(gpu: bool = True) -> Any:
 
 
 sft_pipeline = build_pipeline()
+"""The local-runner variant (`sftpipe run`); `sftpipe compile` builds the cluster ones."""

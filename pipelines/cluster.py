@@ -1,0 +1,155 @@
+"""Compile-time platform settings of the pipeline on a Kubernetes cluster.
+
+`ClusterOptions` holds everything that depends on the cluster rather than on the data: the GPU
+request of finetune and where it may be scheduled, the Secret and ConfigMap that give every
+step its S3 and MLflow settings, retries, image pull policy and resource requests. The wiring in
+`sft_pipeline.py` calls `apply()` on each task; `sftpipe compile` builds the options from its
+flags.
+
+None of this is used by `sftpipe run`: KFP's local runner ignores the kfp-kubernetes settings
+anyway, but it does honour retry policies (with real back-off sleeps), and a local step that
+fails on bad data should fail at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kfp import kubernetes
+
+# What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
+STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
+
+# Env var -> key, for the Secret with the S3 credentials the steps read (data_uri, base_model).
+S3_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+# The ConfigMap of non-secret settings. MLFLOW_TRACKING_URI must be there; the endpoint and the
+# region are optional (absent on AWS S3 itself).
+ENV_REQUIRED_KEYS = ("MLFLOW_TRACKING_URI",)
+ENV_OPTIONAL_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# An optional Secret for an MLflow server behind authentication (MLflow reads these names).
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+Effect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+EFFECTS: tuple[Effect, ...] = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A pod toleration: `key` with `value` (operator Equal) or any value (operator Exists)."""
+
+    key: str
+    value: str = ""
+    effect: Effect | None = "NoSchedule"
+
+    @classmethod
+    def parse(cls, text: str) -> Toleration:
+        """`KEY[=VALUE][:EFFECT]`, e.g. `nvidia.com/gpu:NoSchedule` or `pool=gpu`."""
+        body, _, effect = text.partition(":")
+        key, _, value = body.partition("=")
+        if not key or (effect and effect not in EFFECTS):
+            raise ValueError(
+                f"toleration {text!r}: expected KEY[=VALUE][:EFFECT], EFFECT one of {EFFECTS}"
+            )
+        return cls(key, value, effect or None)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        text = self.key + (f"={self.value}" if self.value else "")
+        return text + (f":{self.effect}" if self.effect else "")
+
+
+GPU_TOLERATION = Toleration("nvidia.com/gpu", "", "NoSchedule")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the pipeline runs on a cluster. Defaults: one NVIDIA GPU for finetune."""
+
+    gpu: bool = True
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_count: int = 1
+    node_selector: dict[str, str] = field(default_factory=dict)  # finetune only
+    tolerations: tuple[Toleration, ...] | None = None  # finetune; None: GPU_TOLERATION on GPU
+    s3_secret: str = "sftpipe-s3"  # "" for none (e.g. workload identity)
+    env_config_map: str = "sftpipe-env"
+    mlflow_secret: str = "sftpipe-mlflow"  # optional: mounted only if it exists
+    retries: int = 2
+    backoff: str = "30s"
+    backoff_factor: float = 2.0
+    backoff_max: str = "5m"
+    image_pull_policy: str = ""  # "" keeps the cluster default
+    cpu_requests: dict[str, str] = field(default_factory=lambda: {"finetune": "4"})
+    memory_requests: dict[str, str] = field(
+        default_factory=lambda: {"finetune": "16G", "evaluate": "8G"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.accelerator_count < 1:
+            raise ValueError("accelerator_count must be at least 1")
+        if self.retries < 0:
+            raise ValueError("retries must be 0 or more")
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"image_pull_policy must be one of {PULL_POLICIES[1:]}")
+        for what, requests in (("cpu", self.cpu_requests), ("memory", self.memory_requests)):
+            unknown = set(requests) - set(STEPS)
+            if unknown:
+                raise ValueError(f"{what} request for unknown step(s) {sorted(unknown)}")
+
+    @property
+    def finetune_tolerations(self) -> tuple[Toleration, ...]:
+        if self.tolerations is not None:
+            return self.tolerations
+        return (GPU_TOLERATION,) if self.gpu else ()
+
+
+def apply(task: Any, step: str, options: ClusterOptions) -> None:
+    """Give one pipeline task its cluster settings."""
+    if options.s3_secret:
+        kubernetes.use_secret_as_env(task, options.s3_secret, S3_SECRET_KEYS)
+    if options.env_config_map:
+        kubernetes.use_config_map_as_env(
+            task, options.env_config_map, {key: key for key in ENV_REQUIRED_KEYS}
+        )
+        kubernetes.use_config_map_as_env(
+            task, options.env_config_map, {key: key for key in ENV_OPTIONAL_KEYS}, optional=True
+        )
+    if options.mlflow_secret:
+        kubernetes.use_secret_as_env(
+            task, options.mlflow_secret, {key: key for key in MLFLOW_SECRET_KEYS}, optional=True
+        )
+    if options.retries:
+        task.set_retry(
+            num_retries=options.retries,
+            backoff_duration=options.backoff,
+            backoff_factor=options.backoff_factor,
+            backoff_max_duration=options.backoff_max,
+        )
+    if options.image_pull_policy:
+        kubernetes.set_image_pull_policy(task, options.image_pull_policy)
+    if step in options.cpu_requests:
+        task.set_cpu_request(options.cpu_requests[step])
+    if step in options.memory_requests:
+        task.set_memory_request(options.memory_requests[step])
+    if step != "finetune":
+        return
+    if options.gpu:
+        task.set_accelerator_type(options.accelerator_type)
+        task.set_accelerator_limit(options.accelerator_count)
+    for key, value in options.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in options.finetune_tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=toleration.key,
+            operator="Equal" if toleration.value else "Exists",
+            value=toleration.value or None,
+            effect=toleration.effect,
+        )
