@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for name, info in section.model_fields.items():
             flag = "--" + name.replace("_", "-")
             help_text = f"{' '.join(info.description.split())} (default: {info.default!r})"
+            help_text = help_text.replace("%", "%%")  # argparse formats help with %
             if info.annotation is bool:
                 group.add_argument(
                     flag,
@@ -152,43 +154,210 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
     print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """Compile-time cluster settings (`sftpipe.pipelines.cluster.ClusterOptions`)."""
+    from sftpipe.pipelines.cluster import ClusterOptions
+
+    d = ClusterOptions()
+    group = parser.add_argument_group("cluster (compile-time Kubernetes settings)")
+    group.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help="finetune without a GPU request, in the CPU image (kind clusters without GPUs)",
+    )
+    group.add_argument(
+        "--accelerator-type",
+        default=d.accelerator_type,
+        help=f"resource name of the finetune accelerator (default: {d.accelerator_type})",
+    )
+    group.add_argument(
+        "--gpu-count",
+        type=int,
+        default=d.accelerator_count,
+        help=f"accelerators for finetune (default: {d.accelerator_count})",
+    )
+    group.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label finetune must run on, e.g. nvidia.com/gpu.present=true (repeatable)",
+    )
+    group.add_argument(
+        "--toleration",
+        action="append",
+        default=None,
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="taint finetune tolerates (repeatable; default with a GPU: nvidia.com/gpu:NoSchedule)",
+    )
+    group.add_argument(
+        "--cpu-request",
+        action="append",
+        default=[],
+        metavar="STEP=CPU",
+        help=f"CPU request of a step, e.g. finetune=2 (default: {d.cpu_requests})",
+    )
+    group.add_argument(
+        "--memory-request",
+        action="append",
+        default=[],
+        metavar="STEP=SIZE",
+        help=f"memory request of a step, e.g. finetune=6G (default: {d.memory_requests})",
+    )
+    group.add_argument(
+        "--s3-secret",
+        default=d.s3_secret,
+        help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for every step, '' for none "
+        f"(default: {d.s3_secret})",
+    )
+    group.add_argument(
+        "--env-config-map",
+        default=d.env_config_map,
+        help="ConfigMap with MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL for every step "
+        f"(default: {d.env_config_map})",
+    )
+    group.add_argument(
+        "--mlflow-secret",
+        default=d.mlflow_secret,
+        help="optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN "
+        f"(default: {d.mlflow_secret})",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=d.retries,
+        help=f"retries of a failed step, with back-off {d.backoff} x{d.backoff_factor:g} "
+        f"(default: {d.retries})",
+    )
+    group.add_argument(
+        "--image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default=None,
+        help="image pull policy of every step (default: the cluster's)",
+    )
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, eq, rest = value.partition("=")
+        if not key or not eq or not rest:
+            raise SftpipeError(flag, f"{value!r} is not KEY=VALUE", f"e.g. {flag} a=b")
+        pairs[key] = rest
+    return pairs
+
+
+def cluster_options_from_args(args: argparse.Namespace) -> Any:
+    from sftpipe.pipelines.cluster import ClusterOptions, Toleration
+
+    d = ClusterOptions()
+    try:
+        return ClusterOptions(
+            gpu=not args.no_gpu,
+            accelerator_type=args.accelerator_type,
+            accelerator_count=args.gpu_count,
+            node_selector=_pairs(args.node_selector, "--node-selector"),
+            tolerations=(
+                None
+                if args.toleration is None
+                else tuple(Toleration.parse(t) for t in args.toleration if t)
+            ),
+            s3_secret=args.s3_secret,
+            env_config_map=args.env_config_map,
+            mlflow_secret=args.mlflow_secret,
+            retries=args.retries,
+            image_pull_policy=args.image_pull_policy or "",
+            cpu_requests=d.cpu_requests | _pairs(args.cpu_request, "--cpu-request"),
+            memory_requests=d.memory_requests | _pairs(args.memory_request, "--memory-request"),
+        )
+    except ValueError as exc:
+        raise SftpipeError("cluster options", str(exc), "see `sftpipe compile --help`") from None
+
+
+def compile_package(args: argparse.Namespace, output: Path) -> None:
     from kfp import compiler
 
     from sftpipe.pipelines.sft_pipeline import build_pipeline
 
-    compiler.Compiler().compile(build_pipeline(gpu=not args.no_gpu), str(args.output))
+    options = cluster_options_from_args(args)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(options), str(output))
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    compile_package(args, args.output)
     print(f"[sftpipe] wrote {args.output}")
     return 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    import kfp
-
-    config = config_from_args(args)
-    package = args.package
-    if not package.exists():
-        args.output, args.no_gpu = package, False
-        cmd_compile(args)
-    try:
-        client = kfp.Client(host=args.host, existing_token=args.token or None)
-        run = client.create_run_from_pipeline_package(
-            str(package),
-            arguments=config.flat(),
-            experiment_name=args.experiment,
-            run_name=args.run_name or None,
-            enable_caching=None,
-        )
-    except Exception as exc:  # kfp raises ApiException, urllib3 and connection errors
+def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`--param name=value` pairs, validated against the config (values typed by it)."""
+    raw = _pairs(args.param, "--param")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
         raise SftpipeError(
-            args.host,
-            f"the KFP API refused or did not answer ({exc})",
-            "check --host, --token and that the package compiles",
-        ) from None
-    print(
-        f"[sftpipe] submitted run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}"
+            "--param", f"unknown parameter(s) {unknown}", "see the flags of `sftpipe submit --help`"
+        )
+    return raw
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sftpipe import kfp_submit
+
+    values: dict[str, Any] = _read_config_file(args.config) if args.config else {}
+    values.update(params_from_args(args))
+    values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    config = PipelineConfig.from_flat(values)
+    endpoint = kfp_submit.connect(
+        args.host,
+        token=args.token,
+        token_file=args.token_file,
+        kube_context=args.kube_context,
+        kfp_namespace=args.kfp_namespace,
+        ca_cert=args.ca_cert,
+        insecure=args.insecure,
+        ui_url=args.ui_url,
     )
-    return 0
+    with tempfile.TemporaryDirectory(prefix="sftpipe-") as tmp:
+        package_path = args.package
+        if package_path is None:
+            package_path = Path(tmp) / "sftpipe-sft.yaml"
+            compile_package(args, package_path)
+        package = kfp_submit.read_package(package_path)
+    arguments = config.flat()
+    missing = sorted(set(arguments) - kfp_submit.package_parameters(package))
+    if missing:
+        raise SftpipeError(
+            str(args.package),
+            f"the package has no parameter(s) {missing}",
+            "recompile it with this sftpipe (`sftpipe compile`)",
+        )
+    api = kfp_submit.KfpApi(endpoint)
+    experiment = api.experiment_id(args.experiment, args.namespace)
+    run_name = args.run_name or f"sftpipe-sft {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    run = api.create_run(package, arguments, experiment, run_name, args.service_account)
+    run_id = run["run_id"]
+    print(f"[sftpipe] submitted run {run_id} to experiment {args.experiment!r}")
+    print(f"[sftpipe] run: {endpoint.run_url(run_id)}", flush=True)
+    if not args.wait:
+        return 0
+    final = kfp_submit.wait(api, run_id, poll_s=args.poll_seconds, timeout_s=args.wait_timeout)
+    state = final.get("state", "")
+    if kfp_submit.EXIT_STATUS[state]:
+        reason = kfp_submit.run_error(final)
+        print(
+            f"sftpipe: error: run {run_id} {state}" + (f": {reason}" if reason else ""),
+            file=sys.stderr,
+        )
+    return kfp_submit.EXIT_STATUS[state]
+
+
+def kfp_submit_token_env() -> str:
+    from sftpipe.kfp_submit import TOKEN_ENV
+
+    return TOKEN_ENV
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -250,26 +419,78 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compile", help="write the pipeline YAML for a cluster")
     comp.add_argument("--output", "-o", type=Path, default=DEFAULT_PACKAGE)
-    comp.add_argument(
-        "--no-gpu",
-        action="store_true",
-        help="leave out the finetune GPU request (kind clusters without GPUs)",
-    )
+    add_cluster_flags(comp)
     comp.set_defaults(handler=cmd_compile)
 
-    submit = commands.add_parser("submit", help="submit a run to a KFP API endpoint")
-    submit.add_argument(
-        "--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080"
+    submit = commands.add_parser(
+        "submit",
+        help="submit a run to a KFP API endpoint",
+        description="Compile the pipeline (or take --package) and start a run on a Kubeflow "
+        "Pipelines API server; --wait follows it to the end and exits with its status "
+        "(0 succeeded, 1 failed or canceled, 2 could not submit).",
     )
-    submit.add_argument("--token", default="", help="bearer token for the KFP API")
-    submit.add_argument(
+    conn = submit.add_argument_group("KFP endpoint and authentication")
+    conn.add_argument(
+        "--host",
+        default="",
+        help="KFP UI or API base URL, e.g. http://localhost:8080 (kind: `make kind-up` prints "
+        "it); without it, --kube-context's API server proxy is used",
+    )
+    conn.add_argument(
+        "--token",
+        default="",
+        help=f"bearer token for the KFP API (default: ${kfp_submit_token_env()})",
+    )
+    conn.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    conn.add_argument(
+        "--kube-context",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="authenticate with this kubeconfig context (no NAME: the current one)",
+    )
+    conn.add_argument(
+        "--kfp-namespace", default="kubeflow", help="namespace KFP is installed in (kubeflow)"
+    )
+    conn.add_argument(
+        "--namespace",
+        default="",
+        help="user namespace of a multi-user KFP (profile); empty for standalone KFP",
+    )
+    conn.add_argument("--ca-cert", default="", help="CA bundle to verify the endpoint's TLS")
+    conn.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    conn.add_argument("--ui-url", default="", help="KFP UI base URL for the printed run link")
+    run_group = submit.add_argument_group("the run")
+    run_group.add_argument(
         "--package",
         type=Path,
-        default=DEFAULT_PACKAGE,
-        help="compiled pipeline YAML (compiled first if missing)",
+        default=None,
+        help="compiled pipeline YAML to submit (default: compile now with the cluster flags)",
     )
-    submit.add_argument("--experiment", default="sftpipe", help="KFP experiment name")
-    submit.add_argument("--run-name", default="", help="KFP run name")
+    run_group.add_argument("--experiment", default="sftpipe", help="KFP experiment name")
+    run_group.add_argument("--run-name", default="", help="KFP run name")
+    run_group.add_argument(
+        "--service-account", default="", help="Kubernetes service account of the run's pods"
+    )
+    run_group.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter by its config name, e.g. learning_rate=5e-5 (repeatable; "
+        "the named flags below override it)",
+    )
+    run_group.add_argument(
+        "--wait", action="store_true", help="follow the run until it ends; exit with its status"
+    )
+    run_group.add_argument(
+        "--poll-seconds", type=float, default=10.0, help="--wait polling interval (10)"
+    )
+    run_group.add_argument(
+        "--wait-timeout", type=float, default=0.0, help="give up waiting after N s (0: never)"
+    )
+    add_cluster_flags(submit)
     add_config_flags(submit)
     submit.set_defaults(handler=cmd_submit)
     add_model_commands(commands)

@@ -1,0 +1,384 @@
+"""`sftpipe submit` against a STUB of the KFP v2beta1 REST API.
+
+The stub below is not Kubeflow Pipelines: it is a small `http.server` on a free loopback port
+that answers the four calls `sftpipe submit` makes (list/create experiment, create run, get
+run) the way the KFP API server does (snake_case JSON, grpc-gateway error bodies), records
+every request, and can be told to reject the package, demand a token, fail a few polls or
+walk a run through its states. The tests check the requests sftpipe sends and how it reports
+what comes back. A real KFP API is exercised by `make local-run` on kind.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+from sftpipe import cli, kfp_submit
+from sftpipe.config import FIELDS, PipelineConfig
+
+API = "/apis/v2beta1"
+PROXY = "/api/v1/namespaces/kubeflow/services/ml-pipeline:http/proxy"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class StubKfp:
+    """Behaviour and records of the stub KFP API server."""
+
+    url: str = ""
+    token: str = ""  # when set, requests need "Authorization: Bearer <token>"
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    reject_run: tuple[int, dict[str, Any]] | None = None
+    run_states: list[str] = field(default_factory=lambda: ["PENDING", "RUNNING", "SUCCEEDED"])
+    fail_polls: int = 0  # answer this many GET run calls with HTTP 503 first
+    html: bool = False  # answer like a login page in front of KFP
+    requests: list[Request] = field(default_factory=list)
+
+    def calls(self, method: str, suffix: str) -> list[Request]:
+        return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
+
+
+def _handler(stub: StubKfp) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+        def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _handle(self, method: str) -> None:
+            parts = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            request = Request(
+                method,
+                parts.path,
+                parse_qs(parts.query),
+                {k.lower(): v for k, v in self.headers.items()},
+                json.loads(raw) if raw else None,
+            )
+            stub.requests.append(request)
+            if stub.html:
+                return self._reply(200, "<html>Sign in</html>", "text/html")
+            if stub.token and request.headers.get("authorization") != f"Bearer {stub.token}":
+                return self._reply(401, {"error": "Unauthenticated", "code": 16, "message": "no"})
+            # Direct, or through the Kubernetes API server's service proxy (--kube-context).
+            path = parts.path.removeprefix(PROXY)
+            if method == "GET" and path == f"{API}/experiments":
+                flt = json.loads(request.query["filter"][0])
+                wanted = flt["predicates"][0]["stringValue"]
+                found = [e for e in stub.experiments if e["display_name"] == wanted]
+                return self._reply(200, {"experiments": found} if found else {})
+            if method == "POST" and path == f"{API}/experiments":
+                experiment = {"experiment_id": f"exp-{len(stub.experiments) + 1}", **request.body}
+                stub.experiments.append(experiment)
+                return self._reply(200, experiment)
+            if method == "POST" and path == f"{API}/runs":
+                if stub.reject_run:
+                    return self._reply(*stub.reject_run)
+                return self._reply(200, {"run_id": "run-123", "state": "PENDING", **request.body})
+            if method == "GET" and path == f"{API}/runs/run-123":
+                if stub.fail_polls:
+                    stub.fail_polls -= 1
+                    return self._reply(503, {"error": "unavailable", "message": "restarting"})
+                state = stub.run_states.pop(0) if len(stub.run_states) > 1 else stub.run_states[0]
+                tasks = [{"display_name": "clean", "state": state}, {"display_name": "root"}]
+                run = {"run_id": "run-123", "state": state, "run_details": {"task_details": tasks}}
+                if state == "FAILED":
+                    run["error"] = {"message": "task finetune failed: OOMKilled"}
+                return self._reply(200, run)
+            return self._reply(404, {"error": "Not Found", "code": 5, "message": "not found"})
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+    return Handler
+
+
+@pytest.fixture
+def stub() -> Iterator[StubKfp]:
+    """A stub KFP API server (not KFP) on a free loopback port."""
+    state = StubKfp()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("package") / "p.yaml"
+    assert cli.main(["compile", "--output", str(path), "--no-gpu"]) == 0
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kfp_submit.TOKEN_ENV, raising=False)
+
+
+def submit(stub: StubKfp, package: Path | None, *argv: str) -> int:
+    args = ["submit", "--host", stub.url, "--data-uri", "s3://b/chat.jsonl", *argv]
+    if package is not None:
+        args += ["--package", str(package)]
+    return cli.main(args)
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("sftpipe: error: ")
+    return err
+
+
+def test_submit_sends_the_package_and_parameters(stub, package, capsys):
+    stub.token = "t0ken-value"
+    code = submit(
+        stub,
+        package,
+        "--token",
+        "t0ken-value",
+        "--experiment",
+        "nightly",
+        "--run-name",
+        "r1",
+        "--param",
+        "learning_rate=5e-5",
+        "--param",
+        "max_steps=70",
+        "--max-steps",
+        "7",
+        "--param",
+        "dedupe=false",
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"{stub.url}/#/runs/details/run-123" in out
+    assert all(r.headers["authorization"] == "Bearer t0ken-value" for r in stub.requests)
+
+    (listed,) = stub.calls("GET", "/experiments")
+    predicate = json.loads(listed.query["filter"][0])["predicates"][0]
+    assert (predicate["key"], predicate["stringValue"]) == ("display_name", "nightly")
+    (created,) = stub.calls("POST", "/experiments")
+    assert created.body == {"display_name": "nightly"}
+
+    (run,) = stub.calls("POST", "/runs")
+    body = run.body
+    assert body["display_name"] == "r1" and body["experiment_id"] == "exp-1"
+    documents = list(yaml.safe_load_all(package.read_text()))
+    assert body["pipeline_spec"] == {"pipeline_spec": documents[0], "platform_spec": documents[1]}
+    parameters = body["runtime_config"]["parameters"]
+    assert set(parameters) == set(FIELDS)
+    expected = PipelineConfig.from_flat(
+        {"data_uri": "s3://b/chat.jsonl", "learning_rate": 5e-5, "max_steps": 7, "dedupe": False}
+    ).flat()
+    assert parameters == expected  # typed by the config; the named flag beats --param
+    assert "t0ken-value" not in json.dumps(body)
+
+
+def test_an_existing_experiment_is_reused(stub, package):
+    stub.experiments.append({"experiment_id": "exp-9", "display_name": "sftpipe"})
+    assert submit(stub, package) == 0
+    assert not stub.calls("POST", "/experiments")
+    assert stub.calls("POST", "/runs")[0].body["experiment_id"] == "exp-9"
+
+
+def test_without_a_package_it_compiles_with_the_cluster_flags(stub):
+    assert submit(stub, None, "--no-gpu", "--node-selector", "pool=cpu") == 0
+    spec = stub.calls("POST", "/runs")[0].body["pipeline_spec"]
+    executors = spec["pipeline_spec"]["deploymentSpec"]["executors"]
+    assert "accelerator" not in json.dumps(executors)
+    finetune = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][
+        "exec-finetune"
+    ]
+    assert finetune["nodeSelector"] == {"labels": {"pool": "cpu"}}
+
+
+@pytest.mark.parametrize(
+    ("final", "code"),
+    [("SUCCEEDED", 0), ("FAILED", 1), ("CANCELED", 1)],
+    ids=["succeeded", "failed", "canceled"],
+)
+def test_wait_follows_the_run_to_its_exit_status(stub, package, capsys, final, code):
+    stub.run_states = ["PENDING", "RUNNING", "RUNNING", final]
+    stub.fail_polls = 2  # an API restart while waiting is ridden out
+    assert submit(stub, package, "--wait", "--poll-seconds", "0.01") == code
+    captured = capsys.readouterr()
+    states = [line for line in captured.out.splitlines() if line.startswith("[sftpipe] run run-")]
+    assert [s.split(": ", 1)[1].split(" ")[0] for s in states] == ["PENDING", "RUNNING", final]
+    assert "clean RUNNING" in captured.out
+    if code:
+        assert captured.err.strip().splitlines()[-1] == (
+            f"sftpipe: error: run run-123 {final}"
+            + (": task finetune failed: OOMKilled" if final == "FAILED" else "")
+        )
+    else:
+        assert not captured.err
+
+
+def test_wait_gives_up_after_the_timeout(stub, package, capsys):
+    stub.run_states = ["RUNNING"]
+    assert submit(stub, package, "--wait", "--poll-seconds", "0.01", "--wait-timeout", "0.2") == 2
+    assert "still RUNNING after 0 s" in one_line_error(capsys)
+
+
+def test_unreachable_endpoint_is_a_quick_one_line_error(package, capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    code = cli.main(["submit", "--host", f"http://127.0.0.1:{port}", "--package", str(package)])
+    assert code == 2 and time.monotonic() - start < 10
+    err = one_line_error(capsys)
+    assert err.startswith(f"sftpipe: error: http://127.0.0.1:{port}: cannot reach the KFP API (")
+    assert "kubectl port-forward" in err
+
+
+def test_a_rejected_package_is_a_one_line_error_with_the_servers_reason(stub, package, capsys):
+    message = "Failed to create a new run: InvalidInputError: unknown platform spec"
+    stub.reject_run = (400, {"error": message, "code": 3, "message": message, "details": []})
+    assert submit(stub, package) == 2
+    err = one_line_error(capsys)
+    assert f"the KFP API rejected the pipeline package (HTTP 400: {message})" in err
+
+
+def test_wrong_credentials_say_so(stub, package, capsys):
+    stub.token = "right"
+    assert submit(stub, package, "--token", "wrong") == 2
+    assert "the KFP API refused the credentials (HTTP 401" in one_line_error(capsys)
+
+
+def test_token_from_file_and_environment(stub, package, tmp_path, monkeypatch):
+    stub.token = "from-file"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert submit(stub, package, "--token-file", str(token_file)) == 0
+    stub.token = "from-env"
+    monkeypatch.setenv(kfp_submit.TOKEN_ENV, "from-env")
+    assert submit(stub, package) == 0
+
+
+def test_a_login_page_is_not_mistaken_for_kfp(stub, package, capsys):
+    stub.html = True
+    assert submit(stub, package) == 2
+    assert "not the KFP API (HTTP 200, text/html)" in one_line_error(capsys)
+
+
+def test_a_wrong_path_is_not_kfp(stub, package, capsys):
+    code = cli.main(["submit", "--host", stub.url + "/nothing", "--package", str(package)])
+    assert code == 2
+    assert "no KFP v2beta1 API here (HTTP 404" in one_line_error(capsys)
+
+
+def test_kube_context_uses_the_api_server_proxy_and_its_credentials(
+    stub, package, tmp_path, monkeypatch
+):
+    stub.token = "kube-token"
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": stub.url}}],
+        "users": [{"name": "u", "user": {"token": "kube-token"}}],
+        "contexts": [{"name": "stub-ctx", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "stub-ctx",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    args = ["submit", "--kube-context", "stub-ctx", "--package", str(package)]
+    assert cli.main(args) == 0
+    assert stub.requests and all(r.path.startswith(PROXY + API) for r in stub.requests)
+
+
+def test_bad_params_are_one_line_errors(stub, package, capsys):
+    assert submit(stub, package, "--param", "learning_rat=1") == 2
+    assert "unknown parameter(s) ['learning_rat']" in one_line_error(capsys)
+    assert submit(stub, package, "--param", "learning_rate=fast") == 2
+    assert "learning_rate='fast'" in one_line_error(capsys)
+    assert submit(stub, package, "--param", "oops") == 2
+    assert "'oops' is not KEY=VALUE" in one_line_error(capsys)
+    assert not stub.requests, "nothing is sent when the parameters are wrong"
+
+
+def test_a_stale_package_is_refused_before_sending(stub, tmp_path, package, capsys):
+    documents = list(yaml.safe_load_all(package.read_text()))
+    del documents[0]["root"]["inputDefinitions"]["parameters"]["learning_rate"]
+    stale = tmp_path / "stale.yaml"
+    stale.write_text(yaml.safe_dump_all(documents))
+    assert submit(stub, stale) == 2
+    assert "the package has no parameter(s) ['learning_rate']" in one_line_error(capsys)
+    assert not stub.calls("POST", "/runs")
+
+
+def test_wait_prints_task_changes_only():
+    class Api:
+        endpoint = kfp_submit.Endpoint("http://x", "http://x")
+        runs = iter(
+            [
+                {
+                    "state": "RUNNING",
+                    "run_details": {
+                        "task_details": [{"display_name": "clean", "state": "RUNNING"}]
+                    },
+                },
+                {
+                    "state": "RUNNING",
+                    "run_details": {
+                        "task_details": [{"display_name": "clean", "state": "RUNNING"}]
+                    },
+                },
+                {
+                    "state": "SUCCEEDED",
+                    "run_details": {
+                        "task_details": [
+                            {"display_name": "clean", "state": "SUCCEEDED"},
+                            {"display_name": "clean-driver", "state": "SUCCEEDED"},
+                        ]
+                    },
+                },
+            ]
+        )
+
+        def get_run(self, run_id: str) -> dict[str, Any]:
+            return next(self.runs)
+
+    out = io.StringIO()
+    final = kfp_submit.wait(Api(), "r", poll_s=0, out=out, sleep=lambda s: None)  # type: ignore[arg-type]
+    assert final["state"] == "SUCCEEDED"
+    assert out.getvalue().splitlines() == [
+        "[sftpipe] run r: RUNNING (clean RUNNING)",
+        "[sftpipe] run r: SUCCEEDED (clean SUCCEEDED)",
+    ]
