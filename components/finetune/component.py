@@ -28,6 +28,7 @@ def finetune(
     lora_dropout: float,
     lora_target_modules: str,
     use_dora: bool,
+    class_weights: bool,
     gradient_checkpointing: bool,
     compile: bool,
     checkpoint_uri: str,

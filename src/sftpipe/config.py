@@ -172,6 +172,9 @@ class TrainConfig(Section):
         "all-linear.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) instead of LoRA.")
+    class_weights: bool = Field(
+        False, description="Classification: weight the loss by inverse class frequency."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% more compute."
     )

@@ -59,8 +59,9 @@ def check_method(config: TrainConfig, device: torch.device) -> None:
         )
 
 
-def apply(model: Any, config: TrainConfig) -> Any:
-    """Wrap `model` with trainable adapters; only adapter weights keep requires_grad."""
+def apply(model: Any, config: TrainConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` with trainable adapters; only adapter weights (and, for SEQ_CLS, the new
+    classification head) keep requires_grad."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -69,7 +70,7 @@ def apply(model: Any, config: TrainConfig) -> Any:
         lora_dropout=config.lora_dropout,
         target_modules=target_modules(config, model),
         use_dora=config.use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -21,8 +21,11 @@ def fetch(uri: str, weights: bool = True) -> Path:
     return storage.local_dir(uri, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
 
 
-def load_tokenizer(model_dir: Path, uri: str = "", chat_template: str = "") -> Any:
-    """The model's fast tokenizer with a chat template and a pad token."""
+def load_tokenizer(
+    model_dir: Path, uri: str = "", chat_template: str = "", chat: bool = True
+) -> Any:
+    """The model's fast tokenizer with a pad token, and with a chat template unless `chat` is
+    False (classification)."""
     from transformers import AutoTokenizer
 
     where = uri or str(model_dir)
@@ -48,7 +51,7 @@ def load_tokenizer(model_dir: Path, uri: str = "", chat_template: str = "") -> A
         )
     if chat_template:
         tokenizer.chat_template = chat_template
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise SftpipeError(
             where,
             "the tokenizer has no chat template",

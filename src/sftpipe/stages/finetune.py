@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import distributed, lm, lora, models, storage
+from sftpipe import classify, distributed, lm, lora, models, storage
 from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
@@ -197,21 +197,6 @@ def run(
     world = distributed.init()
     device = distributed.device(world)
     dtype = lm.autocast_dtype(config.precision, device)
-    model_dir = models.fetch(base_model)
-    tokenizer = models.load_tokenizer(model_dir, base_model)
-    lora.check_method(config, device)
-    model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
-    model = model.to(device) if config.method != "qlora" else model
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.method in ("lora", "qlora"):
-        model = lora.apply(model, config)
-    if config.compile:
-        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
-        # dynamic shapes, since every micro-batch has its own width.
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core.base_model.compile(dynamic=True)
     train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
     if not train_rows or not validation_rows:
         raise SftpipeError(
@@ -219,6 +204,28 @@ def run(
             "empty training or validation split",
             "check the tokenize step's metrics",
         )
+    labels = classify.label_map(train_path)  # None: chat SFT of a causal LM
+    model_dir = models.fetch(base_model)
+    tokenizer = models.load_tokenizer(model_dir, base_model, chat=labels is None)
+    lora.check_method(config, device)
+    if labels is None:
+        model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
+        model.config.use_cache = False
+    elif config.method == "qlora":
+        raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
+    else:
+        classify.check_labels(train_rows + validation_rows, labels, str(train_path))
+        model = classify.load_model(model_dir, labels, base_model)
+    model = model.to(device) if config.method != "qlora" else model
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method in ("lora", "qlora"):
+        model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
+    if config.compile:
+        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
+        # dynamic shapes, since every micro-batch has its own width.
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.base_model.compile(dynamic=True)
     check_data_fits_model(train_rows + validation_rows, model, str(train_path))
     if "position_ids" in train_rows[0] and not lm.isolates_packed_samples(model, device):
         raise SftpipeError(
@@ -249,7 +256,14 @@ def run(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     windows = shuffled_windows(train_rows, window, config.seed)
     pad_id = tokenizer.pad_token_id
-    loss_module: Any = lm.TokenLoss(model)
+    # What differs between the tasks: batching, the loss, validation, and what one unit of
+    # loss is (an assistant token for chat SFT, an example for classification).
+    task: Any = lm if labels is None else classify
+    weights = (
+        classify.class_weights(train_rows, len(labels)) if labels and config.class_weights else None
+    )
+    loss_module: Any = lm.TokenLoss(model) if labels is None else classify.ClassLoss(model, weights)
+    loss_module.to(device)
     if world.size > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
 
@@ -269,7 +283,7 @@ def run(
         )
 
     def validate(step: int) -> float:
-        loss = lm.mean_loss(
+        loss = task.mean_loss(
             model, validation_rows, pad_id, config.micro_batch_size, device, dtype, world
         )
         report.history.append({"step": step, "validation_loss": loss})
@@ -336,14 +350,14 @@ def run(
         rows_of_step = next(windows)
         # Normalize by the loss-bearing tokens of the whole global window; DDP averages
         # gradients over processes, so scale by their number to keep the sum.
-        window_loss_tokens = sum(row["num_loss_tokens"] for row in rows_of_step)
+        window_loss_tokens = sum(row.get("num_loss_tokens", 1) for row in rows_of_step)
         step_tokens = sum(row["num_tokens"] for row in rows_of_step)
         micro_batches = list(lm.batches(rows_of_step, config.micro_batch_size))[
             world.rank :: world.size
         ]
         loss_total = 0.0
         for index, rows in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in lm.collate(rows, pad_id).items()}
+            batch = {k: v.to(device) for k, v in task.collate(rows, pad_id).items()}
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 else loss_module.no_sync()
             with sync, lm.autocast(device, dtype):

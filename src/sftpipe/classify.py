@@ -1,0 +1,118 @@
+"""Sequence classification (sentiment, topics) for the finetune stage: batching, the loss, and
+validation. Rows come from tokenize as `input_ids` + `label` (an id of the label map kept in
+the Parquet schema metadata under `sftpipe.label_map`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sftpipe import lm
+from sftpipe.distributed import SINGLE, World
+from sftpipe.errors import SftpipeError
+
+LABEL_MAP_KEY = b"sftpipe.label_map"
+
+
+def label_map(path: str | Path) -> dict[str, int] | None:
+    """The label -> id map of a classification Parquet file; None for chat data."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[LABEL_MAP_KEY]) if LABEL_MAP_KEY in metadata else None
+
+
+def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        attention_mask[i, : len(row["input_ids"])] = 1
+    labels = torch.tensor([row["label"] for row in rows])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def class_weights(rows: Sequence[dict[str, Any]], num_labels: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over the examples), so rare classes count as much."""
+    counts = Counter(row["label"] for row in rows)
+    return torch.tensor([len(rows) / (num_labels * max(counts[k], 1)) for k in range(num_labels)])
+
+
+class ClassLoss(torch.nn.Module):
+    """Summed (optionally class-weighted) cross-entropy of a batch, as a module for DDP."""
+
+    def __init__(self, model: Any, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("weights", weights, persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs).logits.float()
+        return F.cross_entropy(logits, batch["labels"], weight=self.weights, reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    world: World = SINGLE,
+) -> float:
+    """Mean (unweighted) cross-entropy per example over `rows`."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for chunk in lm.batches(rows[world.rank :: world.size], batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        with lm.autocast(device, dtype):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
+        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+    model.train(was_training)
+    total, count = world.sum(total, len(rows[world.rank :: world.size]))
+    return total / max(count, 1)
+
+
+def check_labels(rows: Sequence[dict[str, Any]], labels: dict[str, int], where: str) -> None:
+    bad = sorted({row["label"] for row in rows} - set(labels.values()))
+    if bad:
+        raise SftpipeError(
+            where,
+            f"label ids {bad} are not in the label map {labels}",
+            "tokenize the data again with the same label map",
+        )
+
+
+def load_model(model_dir: Path, labels: dict[str, int], uri: str = "") -> Any:
+    """An AutoModelForSequenceClassification with a head sized for `labels` (a fresh head when
+    the base is a plain encoder or has another number of classes)."""
+    from transformers import AutoModelForSequenceClassification
+
+    id2label = {i: name for name, i in labels.items()}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=labels,
+            ignore_mismatched_sizes=True,
+            dtype="float32",
+        )
+    except Exception as exc:  # transformers raises many types for unusable weights
+        raise SftpipeError(
+            uri or str(model_dir),
+            f"cannot load a classifier from it ({type(exc).__name__}: {exc})",
+            "use an encoder or decoder checkpoint with its config.json",
+        ) from None
