@@ -28,7 +28,11 @@ def test_packed_rows_give_the_loss_and_gradient_of_separate_rows(tiny_model_dir,
         model.zero_grad()
         loss, count = lm.loss_sum(model, batch)
         loss.backward()
-        return float(loss), count, torch.cat([p.grad.flatten() for p in model.parameters()])
+        return (
+            float(loss.detach()),
+            count,
+            torch.cat([p.grad.flatten() for p in model.parameters()]),
+        )
 
     packed_loss, packed_count, packed_grads = loss_and_grads(batch)
     plain_loss, plain_count, plain_grads = loss_and_grads(lm.collate(rows, pad))
