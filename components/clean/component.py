@@ -1,20 +1,36 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Metrics, Output
+from kfp.dsl import HTML, Dataset, Metrics, Output
 from sftpipe.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def clean(
     data_uri: str,
+    file_format: str,
+    record_format: str,
     max_bad_fraction: float,
     dedupe: bool,
+    near_duplicate_threshold: float,
+    scrub_pii: str,
+    strip_html: bool,
+    min_chars: int,
+    max_chars: int,
+    max_turn_chars: int,
+    max_turns: int,
+    languages: str,
+    label_map: str,
+    translation_instruction: str,
+    translation_languages: str,
+    num_workers: int,
     mlflow_experiment: str,
     pipeline_run_id: str,
     cleaned: Output[Dataset],
     quarantine: Output[Dataset],
     metrics: Output[Metrics],
+    report: Output[HTML],
 ):
-    """Normalize and validate raw chat JSONL; quarantine bad rows with a reason."""
+    """Read raw records (any supported format), normalize, scrub PII, filter, de-duplicate;
+    quarantine bad rows with a reason; an HTML report."""
     inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 

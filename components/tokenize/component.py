@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 from sftpipe.components.images import CPU_IMAGE
 
 
@@ -8,16 +8,22 @@ def tokenize(
     cleaned: Input[Dataset],
     base_model: str,
     max_length: int,
+    truncation: str,
     validation_fraction: float,
     chat_template: str,
+    packing: bool,
+    label_map: str,
+    num_workers: int,
     mlflow_experiment: str,
     pipeline_run_id: str,
     train: Output[Dataset],
     validation: Output[Dataset],
     quarantine: Output[Dataset],
     metrics: Output[Metrics],
+    report: Output[HTML],
 ):
-    """Apply the chat template, label assistant tokens only, split train/validation by hash."""
+    """Apply the chat template, label assistant tokens only, pack, split train/validation by
+    hash (classification: label ids, stratified split); an HTML report."""
     inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.steps import run_step
 

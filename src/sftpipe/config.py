@@ -28,6 +28,11 @@ from sftpipe.errors import SftpipeError
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 Schedule = Literal["cosine", "linear"]
+FileFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"]
+RecordFormat = Literal[
+    "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "classification", "translation"
+]
+Truncation = Literal["truncate", "drop"]
 
 
 class Section(BaseModel):
@@ -54,24 +59,136 @@ def _one_line(exc: ValidationError) -> str:
 
 
 class DataConfig(Section):
-    """clean: read raw conversations, normalize, validate, de-duplicate, quarantine."""
+    """clean: read raw records, normalize, scrub PII, validate, filter, de-duplicate,
+    quarantine."""
 
     data_uri: str = Field(
         "",
-        description="Training conversations: a local JSONL file or s3://bucket/key, one JSON "
-        "object per line with OpenAI-style `messages` (system/user/assistant). "
+        description="Training data: a file, a directory or glob of shards, or an s3:// object "
+        "or prefix; JSONL, JSON array, CSV/TSV or Parquet, optionally .gz (see Data format). "
         "Empty in `sftpipe run` means the bundled chatterbot-corpus demo.",
+    )
+    file_format: FileFormat = Field(
+        "auto", description="File format; auto: from the file name, else from the content."
+    )
+    record_format: RecordFormat = Field(
+        "auto",
+        description="Record format; auto: detected per record from its columns (messages, "
+        "conversations, instruction/output, prompt/completion, text/label, source/target).",
     )
     max_bad_fraction: float = Field(
         0.2,
         ge=0.0,
         le=1.0,
-        description="Fail the clean step when more than this fraction of rows is quarantined "
-        "(duplicates not counted).",
+        description="Fail the clean step when more than this fraction of rows is broken "
+        "(filters and duplicates not counted).",
     )
     dedupe: bool = Field(
-        True, description="Drop exact duplicate conversations after normalization."
+        True,
+        description="Drop exact and near duplicates (kept with dedupe off, but always on the "
+        "same side of the train/validation split).",
     )
+    near_duplicate_threshold: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity (character 5-grams, MinHash LSH) from which "
+        "two rows are near duplicates (0: exact duplicates only).",
+    )
+    scrub_pii: str = Field(
+        "all",
+        description="PII replaced by typed placeholders: all, none, or a comma-separated subset "
+        "of email, id_number, credit_card, phone, ip.",
+    )
+    strip_html: bool = Field(
+        True, description="Remove HTML tags and unescape entities (outside Markdown code)."
+    )
+    min_chars: int = Field(
+        1, ge=0, description="Quarantine conversations with fewer characters in all turns."
+    )
+    max_chars: int = Field(
+        200_000, ge=1, description="Quarantine conversations with more characters in all turns."
+    )
+    max_turn_chars: int = Field(
+        50_000, ge=1, description="Quarantine conversations with a longer single turn."
+    )
+    max_turns: int = Field(
+        128,
+        ge=2,
+        description="Quarantine conversations with more turns (system prompt not counted).",
+    )
+    languages: str = Field(
+        "",
+        description="Keep only these detected languages, comma-separated (zh, ja, ko, en, "
+        "latin, cyrillic, arabic, other); empty: keep all.",
+    )
+    label_map: str = Field(
+        "",
+        description="Classification labels: names in id order (neg,pos) or a JSON object "
+        "name->id; rows with other labels are quarantined. Empty: the sorted names found.",
+    )
+    translation_instruction: str = Field(
+        "Translate the following text from {source_lang} to {target_lang}.",
+        description="User instruction of translation rows, before the source text; "
+        "{source_lang} and {target_lang} are replaced by the language names.",
+    )
+    translation_languages: str = Field(
+        "",
+        description="Default language pair as source,target codes (e.g. en,zh) for "
+        "translation rows without source_lang/target_lang.",
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Worker processes of clean (and tokenizer threads of tokenize); 0: one per "
+        "CPU core.",
+    )
+
+    @field_validator("scrub_pii")
+    @classmethod
+    def _known_pii(cls, value: str) -> str:
+        from sftpipe.pii import parse_kinds
+
+        parse_kinds(value)
+        return value
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, value: str) -> str:
+        from sftpipe.langid import LANGUAGES
+
+        unknown = [c.strip() for c in value.split(",") if c.strip() and c.strip() not in LANGUAGES]
+        if unknown:
+            raise ValueError(f"unknown language code(s) {unknown}; known: {', '.join(LANGUAGES)}")
+        return value
+
+    @field_validator("label_map")
+    @classmethod
+    def _parsable_label_map(cls, value: str) -> str:
+        from sftpipe.formats import parse_label_map
+
+        parse_label_map(value)
+        return value
+
+    @field_validator("translation_languages")
+    @classmethod
+    def _language_pair(cls, value: str) -> str:
+        from sftpipe.formats import parse_languages
+
+        parse_languages(value)
+        return value
+
+    @field_validator("translation_instruction")
+    @classmethod
+    def _instruction_placeholders(cls, value: str) -> str:
+        try:
+            value.format(source_lang="x", target_lang="y")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"only {{source_lang}} and {{target_lang}} may appear in braces ({exc})"
+            ) from None
+        return value
 
 
 class ModelConfig(Section):
@@ -86,25 +203,37 @@ class ModelConfig(Section):
 
 
 class TokenizeConfig(Section):
-    """tokenize: chat template, assistant-only labels, truncation, train/validation split."""
+    """tokenize: chat template, assistant-only labels, truncation, packing, train/validation
+    split."""
 
     max_length: int = Field(
         256,
         ge=8,
         le=131072,
-        description="Longest tokenized conversation; longer ones are truncated.",
+        description="Longest tokenized conversation (and packed row); see truncation.",
+    )
+    truncation: Truncation = Field(
+        "truncate",
+        description="Conversations longer than max_length: truncate (keep the start) or drop "
+        "(quarantine them).",
     )
     validation_fraction: float = Field(
         0.1,
         gt=0.0,
         lt=1.0,
-        description="Fraction of conversations held out for validation, chosen by content hash "
-        "(deterministic and stable when rows are added).",
+        description="Fraction of conversations held out for validation, chosen by a hash of "
+        "their duplicate group (deterministic, stable when rows are added; stratified by "
+        "label for classification).",
     )
     chat_template: str = Field(
         "",
-        description="Jinja chat template to use instead of the tokenizer's own (needed when the "
-        "tokenizer has none).",
+        description="Chat template instead of the tokenizer's own (needed when it has none): "
+        "a Jinja template or a name (chatml, llama3, plain).",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack training conversations into max_length rows (best-fit decreasing, "
+        "position_ids restart per conversation); validation stays one conversation per row.",
     )
 
 
@@ -156,7 +285,6 @@ class TrainConfig(Section):
         "with AVX512_BF16/AMX, else fp32.",
     )
     log_every: int = Field(5, ge=1, description="Log training metrics every this many steps.")
-
     method: Method = Field(
         "full",
         description="full: update every weight; lora: train low-rank adapters (peft) and export "

@@ -74,48 +74,101 @@ def _record(
     tracker.log_metrics({f"{prefix}.{key}": value for key, value in metrics.items()})
 
 
-def clean(params: dict[str, Any], cleaned: Any, quarantine: Any, metrics: Any) -> None:
+def clean(
+    params: dict[str, Any], cleaned: Any, quarantine: Any, metrics: Any, report: Any = None
+) -> None:
     config = DataConfig.from_values(params)
     tracker = _tracker(params, config)
-    report = clean_stage.run(config, cleaned.path, quarantine.path)
+    report_path = getattr(report, "path", None)
+    try:
+        result = clean_stage.run(config, cleaned.path, quarantine.path, report_path)
+    except SftpipeError:
+        # The report says why the step failed (counts, examples): keep it with the run.
+        if report_path and Path(report_path).exists():
+            _log_bytes(tracker, "reports/clean.html", Path(report_path).read_bytes())
+        raise
     cleaned.metadata.update(
-        rows=report.rows_out,
-        digest=report.output_digest,
-        input_digest=report.input_digest,
+        rows=result.rows_out,
+        digest=result.output_digest,
+        input_digest=result.input_digest,
         source=config.data_uri,
+        task=result.task,
     )
-    quarantine.metadata.update(rows=sum(report.dropped.values()))
-    _record(metrics, tracker, "clean", report.metrics())
+    quarantine.metadata.update(rows=sum(result.dropped.values()))
+    _record(metrics, tracker, "clean", result.metrics())
     tracker.set_tags(
         {
-            "sftpipe.data.input_digest": report.input_digest,
-            "sftpipe.data.cleaned_digest": report.output_digest,
+            "sftpipe.data.input_digest": result.input_digest,
+            "sftpipe.data.cleaned_digest": result.output_digest,
+            "sftpipe.data.task": result.task,
         }
     )
+    if report_path:
+        _log_bytes(tracker, "reports/clean.html", Path(report_path).read_bytes())
     print(
-        f"[clean] {report.rows_out} of {report.rows_in} rows kept; quarantined: "
-        f"{dict(report.dropped) or 'none'}",
+        f"[clean] {result.rows_out} of {result.rows_in} rows kept ({result.task}); quarantined: "
+        f"{dict(result.dropped) or 'none'}",
         flush=True,
     )
 
 
 def tokenize(
-    params: dict[str, Any], cleaned: Any, train: Any, validation: Any, quarantine: Any, metrics: Any
+    params: dict[str, Any],
+    cleaned: Any,
+    train: Any,
+    validation: Any,
+    quarantine: Any,
+    metrics: Any,
+    report: Any = None,
 ) -> None:
     config, model = TokenizeConfig.from_values(params), ModelConfig.from_values(params)
+    data = DataConfig.from_values(params)
     tracker = _tracker(params, config, model)
-    report = tokenize_stage.run(
-        config, model.base_model, cleaned.path, train.path, validation.path, quarantine.path
+    report_path = getattr(report, "path", None)
+    result = tokenize_stage.run(
+        config,
+        model.base_model,
+        cleaned.path,
+        train.path,
+        validation.path,
+        quarantine.path,
+        report_path=report_path,
+        label_map=data.label_map,
+        num_workers=data.num_workers,
     )
-    train.metadata.update(rows=report.train_rows, digest=storage.sha256_file(train.path))
+    shared: dict[str, Any] = {"task": result.task}
+    if result.label_map:
+        shared["label_map"] = json.dumps(result.label_map, ensure_ascii=False)
+    else:
+        shared["chat_template"] = result.chat_template
+    train.metadata.update(
+        rows=result.train_rows,
+        file_rows=result.train_file_rows,
+        packed=bool(config.packing and result.task == "chat"),
+        digest=storage.sha256_file(train.path),
+        **shared,
+    )
     validation.metadata.update(
-        rows=report.validation_rows, digest=storage.sha256_file(validation.path)
+        rows=result.validation_rows, digest=storage.sha256_file(validation.path), **shared
     )
-    _record(metrics, tracker, "tokenize", report.metrics())
+    quarantine.metadata.update(
+        rows=result.dropped_too_long
+        + result.quarantined_no_loss_tokens
+        + result.template_errors
+        + result.unknown_labels
+    )
+    _record(metrics, tracker, "tokenize", result.metrics())
+    if report_path:
+        _log_bytes(tracker, "reports/tokenize.html", Path(report_path).read_bytes())
+    packed = (
+        f", packed into {result.train_file_rows} rows ({result.packing_efficiency:.1%} full)"
+        if config.packing and result.task == "chat"
+        else ""
+    )
     print(
-        f"[tokenize] {report.train_rows} train / {report.validation_rows} validation rows, "
-        f"{report.tokens} tokens ({report.loss_tokens} trained), "
-        f"{report.truncated_rows} truncated",
+        f"[tokenize] {result.train_rows} train / {result.validation_rows} validation rows "
+        f"({result.task}){packed}, {result.tokens} tokens ({result.loss_tokens} trained), "
+        f"{result.truncated_rows} truncated",
         flush=True,
     )
 

@@ -1,29 +1,60 @@
-"""tokenize: cleaned conversations in, token ids with assistant-only labels out.
+"""tokenize: cleaned examples in, token ids with labels out, split into train and validation.
 
-Rendering uses the tokenizer's chat template (or `chat_template`). Labels are found by
-position, not by token id: each assistant turn's character span is the difference between the
-template rendered up to that turn and the same prefix rendered with the generation prompt, and
-the tokens whose offsets start inside a span carry labels. Every assistant turn is trained,
-its end-of-turn token included; pad == EOS tokenizers (SmolLM2) lose nothing.
+Chat data:
+- Rendering uses the tokenizer's chat template, or `chat_template` (Jinja or a name, see
+  `sftpipe.chat_templates`). Labels are found by position, not by token id: each assistant
+  turn's character span (its reply through its end-of-turn marker, defined by the template
+  itself) marks the tokens whose offsets start inside it. Every assistant turn is trained, its
+  end-of-turn token included; pad == EOS tokenizers (SmolLM2) lose nothing. The first label of
+  every sample is -100 (a first token is never a prediction target).
+- Before any row, the template is checked on a probe conversation: an assistant turn must end
+  with a token that stops generation (the tokenizer's EOS or the model's generation EOS ids),
+  or the model would learn to end turns with something generation never stops on.
+- Longer than `max_length`: truncated (the start kept) or dropped (`truncation`); a sample with
+  no loss-bearing token left is quarantined, never trained on silently.
+- Train conversations are packed (`packing`, `sftpipe.packing`) into rows with position_ids;
+  validation stays one conversation per row, with its messages (evaluate needs them).
 
-Conversations go to train or validation by a hash of their content id, so the split is
-deterministic and a row keeps its side when others are added.
+Classification data (`text` + `label`): the text is tokenized with the tokenizer's special
+tokens, the label becomes an id (`label_map`, else the sorted label names), the label map is
+stored in the Parquet schema metadata (`sftpipe.label_map`), and the split is stratified.
+
+The split goes by a hash of each row's duplicate group (see clean), so it is deterministic,
+stable as data grows, and duplicates never straddle it. Everything streams: rows are read,
+tokenized in batches (the Rust tokenizer uses every core) and written in row groups; the
+same input and config give byte-identical files.
 """
 
 from __future__ import annotations
 
+import collections
 import json
-from dataclasses import dataclass
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftpipe import models, storage
+import numpy as np
+
+from sftpipe import chat_templates, formats, models, packing, parallel, storage
+from sftpipe.chat_templates import assistant_spans, render, token_ranges
 from sftpipe.config import TokenizeConfig
 from sftpipe.errors import SftpipeError
-from sftpipe.schemas import Conversation, Message, QuarantineRow, Reason
-from sftpipe.stages.clean import read_jsonl
+from sftpipe.schemas import (
+    CHAT_TEMPLATE_KEY,
+    LABEL_MAP_KEY,
+    Message,
+    QuarantineRow,
+    Reason,
+)
 
 IGNORE_INDEX = -100
+_BATCH = 512
+_ROW_GROUP = 4096
+
+__all__ = ["assistant_spans", "render"]  # re-exported: evaluate and chat render with them
 
 
 @dataclass(frozen=True)
@@ -33,64 +64,297 @@ class Tokenized:
     truncated: bool
 
 
-def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
-def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character span of each assistant reply,
-    from the start of its content through its end-of-turn marker."""
-    text = render(tokenizer, messages)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
-        through = render(tokenizer, messages[: index + 1]).rstrip()
-        if not (through.startswith(prompt) and text.startswith(through)):
-            raise SftpipeError(
-                "chat_template",
-                "the template renders a conversation prefix differently from the whole "
-                "conversation, so assistant turns cannot be located",
-                "use a template whose rendering of the first N messages is a prefix of the rest",
-            )
-        spans.append((len(prompt), len(through)))
-    return text, spans
+def labels_for(input_ids: list[int], ranges: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for first, last in ranges:
+        labels[first:last] = input_ids[first:last]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return labels
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[Message], max_length: int) -> Tokenized:
+    """One conversation (Jinja rendering, no fast path): ids and assistant-only labels."""
     text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = encoded["input_ids"]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for position, (start, _end) in enumerate(encoded["offset_mapping"]):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index < len(spans) and spans[span_index][0] <= start:
-            labels[position] = input_ids[position]
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    input_ids = list(encoding.ids)
+    labels = labels_for(input_ids, token_ranges(encoding, spans))
     truncated = len(input_ids) > max_length
     return Tokenized(input_ids[:max_length], labels[:max_length], truncated)
 
 
 def is_validation(row_id: str, fraction: float) -> bool:
-    return int(row_id[:12], 16) / 16**12 < fraction
+    return _hash_fraction(row_id) < fraction
+
+
+def _hash_fraction(row_id: str) -> float:
+    return int(row_id[:12], 16) / 16**12
 
 
 @dataclass
 class TokenizeReport:
+    task: str = "chat"
     rows_in: int = 0
     train_rows: int = 0
     validation_rows: int = 0
+    train_file_rows: int = 0
     tokens: int = 0
     loss_tokens: int = 0
     truncated_rows: int = 0
+    dropped_too_long: int = 0
     quarantined_no_loss_tokens: int = 0
+    template_errors: int = 0
+    unknown_labels: int = 0
+    packing_efficiency: float = 0.0
+    unpacked_efficiency: float = 0.0
+    seconds: float = 0.0
+    label_map: dict[str, int] = field(default_factory=dict)
+    token_hist: collections.Counter[int] = field(default_factory=collections.Counter)
+    chat_template: str = ""
 
     def metrics(self) -> dict[str, float]:
-        return {key: float(value) for key, value in vars(self).items()}
+        skip = {"task", "label_map", "token_hist", "chat_template"}
+        out = {k: float(v) for k, v in vars(self).items() if k not in skip}
+        if self.task != "chat":
+            for key in ("loss_tokens", "quarantined_no_loss_tokens", "template_errors"):
+                out.pop(key)
+            out.pop("packing_efficiency")
+            out.pop("unpacked_efficiency")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the cleaned file
+# ----------------------------------------------------------------------------------------------
+
+_HEAD = re.compile(
+    r'^\{"id": "([0-9a-f]{12,})", "group": "([0-9a-f]{12,})"(?:, "label": ("(?:[^"\\]|\\.)*"))?'
+)
+
+
+def _heads(path: str | Path) -> Iterator[tuple[str, str | None]]:
+    """(group, label or None) of every cleaned row, cheaply (a regex on the line start)."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            match = _HEAD.match(line)
+            if match:
+                label = json.loads(match.group(3)) if match.group(3) else None
+                yield match.group(2), label
+            else:
+                row = json.loads(line)
+                label = row.get("label")
+                yield row.get("group") or row["id"], None if label is None else str(label)
+
+
+def _batches(path: str | Path, size: int = _BATCH) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                batch.append(json.loads(line))
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def _split_chat(path: str | Path, fraction: float, where: str) -> tuple[set[str], set[str]]:
+    """Groups forced to validation / to train, so that both sides get rows even when the
+    hash puts everything on one side (tiny data)."""
+    low: tuple[float, str] | None = None
+    high: tuple[float, str] | None = None
+    sides = collections.Counter()
+    groups = 0
+    for group, _ in _heads(path):
+        groups += 1
+        value = _hash_fraction(group)
+        sides[value < fraction] += 1
+        low = min(low, (value, group)) if low else (value, group)
+        high = max(high, (value, group)) if high else (value, group)
+    if groups == 0:
+        raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
+    if low is not None and low[1] == high[1]:  # type: ignore[index]
+        raise SftpipeError(
+            where,
+            "fewer than 2 distinct conversations: no validation set is possible",
+            "provide more data",
+        )
+    force_validation = {low[1]} if not sides[True] else set()  # type: ignore[index]
+    force_train = {high[1]} if not sides[False] else set()  # type: ignore[index]
+    return force_validation, force_train
+
+
+def _split_stratified(
+    path: str | Path, fraction: float, label_map: dict[str, int]
+) -> tuple[set[str], dict[str, int]]:
+    """Validation groups chosen per label (the lowest hashes, round(fraction x groups), at
+    least one when a label has two groups or more), and the label map (given, or the sorted
+    label names: numerically when they are all integers)."""
+    per_label: dict[str, set[str]] = collections.defaultdict(set)
+    for group, label in _heads(path):
+        per_label[str(label)].add(group)
+    if not label_map:
+        names = sorted(per_label)
+        if all(re.fullmatch(r"-?\d+", n) for n in names):
+            names.sort(key=int)
+        label_map = {name: index for index, name in enumerate(names)}
+    validation: set[str] = set()
+    for groups in per_label.values():
+        ordered = sorted(groups, key=lambda g: (_hash_fraction(g), g))
+        take = round(fraction * len(ordered))
+        if len(ordered) >= 2:
+            take = min(max(take, 1), len(ordered) - 1)
+        validation.update(ordered[:take])
+    return validation, label_map
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing Parquet in row groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _schema(columns: list[tuple[str, Any]], metadata: dict[str, str]) -> Any:
+    import pyarrow as pa
+
+    return pa.schema(columns, metadata={k.encode(): v.encode() for k, v in metadata.items()})
+
+
+def chat_schema(packed: bool, metadata: dict[str, str]) -> Any:
+    import pyarrow as pa
+
+    columns = [
+        ("id", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("num_loss_tokens", pa.int32()),
+        ("messages", pa.string()),
+    ]
+    if packed:
+        columns += [("position_ids", pa.list_(pa.int32())), ("num_samples", pa.int32())]
+    return _schema(columns, metadata)
+
+
+def classification_schema(metadata: dict[str, str]) -> Any:
+    import pyarrow as pa
+
+    return _schema(
+        [
+            ("id", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("label", pa.int32()),
+            ("num_tokens", pa.int32()),
+            ("text", pa.string()),
+        ],
+        metadata,
+    )
+
+
+class _ParquetOut:
+    """Rows appended as dicts of column values, written in row groups of `_ROW_GROUP`."""
+
+    def __init__(self, handle: Any, schema: Any) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema = schema
+        self.writer = pq.ParquetWriter(handle, schema)
+        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, values in self.columns.items():
+            values.append(row[name])
+        self.rows += 1
+        if len(self.columns["id"]) >= _ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.columns["id"]:
+            return
+        arrays = []
+        for name, values in self.columns.items():
+            kind = self.schema.field(name).type
+            if pa.types.is_list(kind):
+                lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+                offsets = np.zeros(len(values) + 1, dtype=np.int32)
+                np.cumsum(lengths, out=offsets[1:])
+                flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values])
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+            else:
+                arrays.append(pa.array(values, type=kind))
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.columns = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def stop_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
+    """Tokens that end generation: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            configured = json.loads((model_dir / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, list):
+            ids.update(i for i in configured if isinstance(i, int))
+    return ids
+
+
+def check_end_of_turn(tokenizer: Any, stop_ids: set[int], where: str) -> str:
+    """Every assistant turn of a probe conversation must end with a stop token; returns it."""
+    probe: list[Message] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+    try:
+        text, spans = assistant_spans(tokenizer, probe)
+    except SftpipeError:
+        raise
+    except Exception as exc:  # the template itself fails
+        raise SftpipeError(
+            where, f"the chat template fails on a plain conversation ({exc})", "fix the template"
+        ) from None
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    names = sorted(tokenizer.convert_ids_to_tokens(sorted(stop_ids))) if stop_ids else []
+    replies = [m["content"] for m in probe if m["role"] == "assistant"]
+    ranges = token_ranges(encoding, spans)
+    for (_first, last), (start, end), reply in zip(ranges, spans, replies, strict=True):
+        if encoding.ids[last - 1] not in stop_ids:
+            turn = text[start:end]
+            marker = turn[len(reply) :] if turn.startswith(reply) else turn
+            raise SftpipeError(
+                where,
+                f"the chat template ends assistant turns with {marker!r}, which does not stop "
+                f"generation (stop tokens: {names or 'none'}): the model would never stop",
+                "use a template that ends assistant turns with the EOS token, or make that "
+                "token the EOS (tokenizer eos_token / generation_config eos_token_id)",
+            )
+    return tokenizer.convert_ids_to_tokens(encoding.ids[token_ranges(encoding, spans)[0][1] - 1])
+
+
+def _quarantine(handle: Any, row: dict[str, Any], reason: Reason, detail: str) -> None:
+    raw = json.dumps(row.get("messages", row.get("text")), ensure_ascii=False)[
+        : formats.RAW_PREVIEW
+    ]
+    entry = QuarantineRow(source=row.get("source", ""), reason=reason.value, detail=detail, raw=raw)
+    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
 def run(
@@ -100,93 +364,347 @@ def run(
     train_path: str | Path,
     validation_path: str | Path,
     quarantine_path: str | Path,
+    report_path: str | Path | None = None,
+    label_map: str = "",
+    num_workers: int = 0,
 ) -> TokenizeReport:
-    """Tokenize the cleaned JSONL into train/validation Parquet files (atomically published)."""
-    tokenizer = models.load_tokenizer(
-        models.fetch(base_model, weights=False), base_model, config.chat_template
-    )
-    report = TokenizeReport()
-    splits: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    rejected: list[QuarantineRow] = []
-    conversation: Conversation
-    for conversation in read_jsonl(cleaned_path):
-        report.rows_in += 1
-        row = tokenize_conversation(tokenizer, conversation["messages"], config.max_length)
-        loss_tokens = sum(label != IGNORE_INDEX for label in row.labels)
-        if loss_tokens == 0:
-            report.quarantined_no_loss_tokens += 1
-            rejected.append(
-                QuarantineRow(
-                    source=conversation["source"],
-                    reason=Reason.NO_LOSS_TOKENS.value,
-                    detail=f"no assistant token within max_length={config.max_length}",
-                    raw=json.dumps(conversation["messages"], ensure_ascii=False)[:2000],
-                )
+    """Tokenize the cleaned JSONL into train/validation Parquet files, the quarantine JSONL
+    and (with `report_path`) an HTML report, all published atomically."""
+    start = time.perf_counter()
+    template = chat_templates.resolve(config.chat_template)
+    model_dir = models.fetch(base_model, weights=False)
+    tokenizer = models.load_tokenizer(model_dir, base_model, template)
+    report = TokenizeReport(chat_template=tokenizer.chat_template or "")
+    where = str(cleaned_path)
+    first = next(_heads(cleaned_path), None)
+    if first is None:
+        raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
+    report.task = "classification" if first[1] is not None else "chat"
+    sample_html = ""
+    with (
+        storage.atomic_file(train_path, "wb") as train_handle,
+        storage.atomic_file(validation_path, "wb") as validation_handle,
+        storage.atomic_file(quarantine_path) as bad,
+    ):
+        if report.task == "chat":
+            sample_html = _run_chat(
+                config,
+                tokenizer,
+                model_dir,
+                cleaned_path,
+                train_handle,
+                validation_handle,
+                bad,
+                report,
+                base_model,
+                num_workers,
             )
-            continue
-        report.truncated_rows += row.truncated
-        report.tokens += len(row.input_ids)
-        report.loss_tokens += loss_tokens
-        splits[is_validation(conversation["id"], config.validation_fraction)].append(
-            {
-                "id": conversation["id"],
-                "input_ids": row.input_ids,
-                "labels": row.labels,
-                "num_tokens": len(row.input_ids),
-                "num_loss_tokens": loss_tokens,
-                "messages": json.dumps(conversation["messages"], ensure_ascii=False),
-            }
-        )
+        else:
+            _run_classification(
+                config,
+                tokenizer,
+                cleaned_path,
+                train_handle,
+                validation_handle,
+                bad,
+                report,
+                formats.parse_label_map(label_map),
+            )
+        if report.train_rows == 0 or report.validation_rows == 0:
+            raise SftpipeError(
+                where,
+                f"{report.train_rows} train and {report.validation_rows} validation rows left "
+                "after tokenization (the rest quarantined)",
+                "provide more data, raise --max-length or use --truncation truncate",
+            )
+        report.seconds = time.perf_counter() - start
+        if report_path is not None:
+            from sftpipe.data_report import write_tokenize_report
 
-    train, validation = _ensure_both_splits(splits[False], splits[True], str(cleaned_path))
-    report.train_rows, report.validation_rows = len(train), len(validation)
-    _write_parquet(train, train_path)
-    _write_parquet(validation, validation_path)
-    with storage.atomic_file(quarantine_path) as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rejected)
+            write_tokenize_report(report_path, report, config, sample_html)
     return report
 
 
-def _ensure_both_splits(
-    train: list[dict[str, Any]], validation: list[dict[str, Any]], where: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Small data sets can hash entirely to one side; move the lowest-hash row across (still
-    deterministic) so that validation loss always exists."""
-    if len(train) + len(validation) < 2:
-        raise SftpipeError(
-            where,
-            "fewer than 2 usable conversations after tokenization",
-            "provide more data or raise --max-length",
+@dataclass(frozen=True)
+class _Encoded:
+    """A tokenized conversation, or why it was rejected (`reason`)."""
+
+    row: dict[str, Any]
+    reason: Reason | None = None
+    detail: str = ""
+    input_ids: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    full_length: int = 0
+    truncated: bool = False
+
+
+_WORKER: dict[str, Any] = {}  # the tokenizer and settings, inherited by forked workers
+
+
+def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
+    """Render, tokenize and label a batch of cleaned rows (in a worker process or here)."""
+    tokenizer, renderer = _WORKER["tokenizer"], _WORKER["renderer"]
+    max_length, drop = _WORKER["max_length"], _WORKER["drop"]
+    renderer.new_batch()
+    rows = [json.loads(line) for line in lines]
+    out: list[_Encoded | None] = [None] * len(rows)
+    texts, spans, at = [], [], []
+    for index, row in enumerate(rows):
+        try:
+            text, row_spans = renderer.render(row["messages"])
+        except SftpipeError:
+            raise
+        except Exception as exc:  # the template rejects this conversation
+            out[index] = _Encoded(row, Reason.TEMPLATE_ERROR, f"chat template: {exc}")
+            continue
+        texts.append(text)
+        spans.append(row_spans)
+        at.append(index)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    for index, encoding, row_spans in zip(at, encodings, spans, strict=True):
+        row, ids = rows[index], encoding.ids
+        labels = labels_for(ids, token_ranges(encoding, row_spans))
+        full = len(ids)
+        if full > max_length:
+            if drop:
+                out[index] = _Encoded(
+                    row,
+                    Reason.TOO_MANY_TOKENS,
+                    f"{full} tokens > max_length={max_length} (truncation=drop)",
+                    full_length=full,
+                )
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+        if labels.count(IGNORE_INDEX) == len(labels):
+            out[index] = _Encoded(
+                row,
+                Reason.NO_LOSS_TOKENS,
+                f"no assistant token within max_length={max_length}",
+                full_length=full,
+            )
+            continue
+        out[index] = _Encoded(
+            row,
+            input_ids=np.asarray(ids, dtype=np.int32),
+            labels=np.asarray(labels, dtype=np.int32),
+            full_length=full,
+            truncated=full > max_length,
         )
-    if not validation:
-        train.sort(key=lambda row: row["id"])
-        validation.append(train.pop(0))
-    if not train:
-        validation.sort(key=lambda row: row["id"])
-        train.append(validation.pop())
-    return train, validation
+    return out  # type: ignore[return-value]
+
+
+def _line_batches(path: str | Path, size: int = _BATCH) -> Iterator[list[str]]:
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                batch.append(line)
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def _run_chat(
+    config: TokenizeConfig,
+    tokenizer: Any,
+    model_dir: Path,
+    cleaned_path: str | Path,
+    train_handle: Any,
+    validation_handle: Any,
+    bad: Any,
+    report: TokenizeReport,
+    base_model: str,
+    num_workers: int,
+) -> str:
+    from sftpipe.data_report import highlight_tokens
+
+    check_end_of_turn(tokenizer, stop_token_ids(tokenizer, model_dir), base_model)
+    force_validation, force_train = _split_chat(
+        cleaned_path, config.validation_fraction, str(cleaned_path)
+    )
+    metadata = {CHAT_TEMPLATE_KEY: report.chat_template}
+    train = _ParquetOut(train_handle, chat_schema(config.packing, metadata))
+    validation = _ParquetOut(validation_handle, chat_schema(False, metadata))
+    packer = packing.Packer(config.max_length) if config.packing else None
+    sample_html = ""
+    train_tokens = 0
+
+    def write_packed(rows: Iterator[packing.PackedRow]) -> None:
+        for row in rows:
+            train.add(
+                {
+                    "id": row.id,
+                    "input_ids": row.input_ids,
+                    "labels": row.labels,
+                    "num_tokens": len(row.input_ids),
+                    "num_loss_tokens": int((row.labels != IGNORE_INDEX).sum()),
+                    "messages": "",
+                    "position_ids": row.position_ids,
+                    "num_samples": row.num_samples,
+                }
+            )
+
+    _WORKER.update(
+        tokenizer=tokenizer,
+        renderer=chat_templates.Renderer(tokenizer),
+        max_length=config.max_length,
+        drop=config.truncation == "drop",
+    )
+    batches = _line_batches(cleaned_path)
+    for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
+        for item in results:
+            row = item.row
+            report.rows_in += 1
+            if item.full_length:
+                report.token_hist[item.full_length.bit_length()] += 1
+            if item.reason is not None:
+                if item.reason is Reason.TEMPLATE_ERROR:
+                    report.template_errors += 1
+                elif item.reason is Reason.TOO_MANY_TOKENS:
+                    report.dropped_too_long += 1
+                else:
+                    report.quarantined_no_loss_tokens += 1
+                _quarantine(bad, row, item.reason, item.detail)
+                continue
+            input_ids, labels = item.input_ids, item.labels
+            assert input_ids is not None and labels is not None
+            loss_tokens = int((labels != IGNORE_INDEX).sum())
+            report.truncated_rows += item.truncated
+            report.tokens += len(input_ids)
+            report.loss_tokens += loss_tokens
+            if not sample_html:
+                sample_html = highlight_tokens(tokenizer, input_ids.tolist(), labels.tolist())
+            group = row.get("group") or row["id"]
+            to_validation = group in force_validation or (
+                group not in force_train and is_validation(group, config.validation_fraction)
+            )
+            plain = {
+                "id": row["id"],
+                "input_ids": input_ids,
+                "labels": labels,
+                "num_tokens": len(input_ids),
+                "num_loss_tokens": loss_tokens,
+            }
+            if to_validation:
+                report.validation_rows += 1
+                plain["messages"] = json.dumps(row["messages"], ensure_ascii=False)
+                validation.add(plain)
+                continue
+            report.train_rows += 1
+            train_tokens += len(input_ids)
+            if packer is None:
+                plain["messages"] = json.dumps(row["messages"], ensure_ascii=False)
+                train.add(plain)
+            else:
+                write_packed(packer.add(packing.Sample(row["id"], input_ids, labels)))
+    if packer is not None:
+        write_packed(packer.flush())
+    train.close()
+    validation.close()
+    report.train_file_rows = train.rows
+    if report.train_rows:
+        report.unpacked_efficiency = train_tokens / (report.train_rows * config.max_length)
+        report.packing_efficiency = train_tokens / (train.rows * config.max_length)
+    return sample_html
+
+
+def _run_classification(
+    config: TokenizeConfig,
+    tokenizer: Any,
+    cleaned_path: str | Path,
+    train_handle: Any,
+    validation_handle: Any,
+    bad: Any,
+    report: TokenizeReport,
+    label_map: dict[str, int],
+) -> None:
+    validation_groups, label_map = _split_stratified(
+        cleaned_path, config.validation_fraction, label_map
+    )
+    report.label_map = label_map
+    metadata = {LABEL_MAP_KEY: json.dumps(label_map, ensure_ascii=False)}
+    train = _ParquetOut(train_handle, classification_schema(metadata))
+    validation = _ParquetOut(validation_handle, classification_schema(metadata))
+    for batch in _batches(cleaned_path):
+        rows = []
+        for row in batch:
+            report.rows_in += 1
+            if str(row["label"]) not in label_map:
+                report.unknown_labels += 1
+                _quarantine(
+                    bad,
+                    row,
+                    Reason.UNKNOWN_LABEL,
+                    f"label {row['label']!r} is not in the label map ({', '.join(label_map)})",
+                )
+                continue
+            rows.append(row)
+        if not rows:
+            continue
+        encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
+        for ids in encoded:
+            report.token_hist[len(ids).bit_length()] += 1
+        long = [i for i, ids in enumerate(encoded) if len(ids) > config.max_length]
+        if long and config.truncation == "truncate":
+            cut = tokenizer(
+                [rows[i]["text"] for i in long],
+                add_special_tokens=True,
+                truncation=True,
+                max_length=config.max_length,
+            )["input_ids"]
+            for i, ids in zip(long, cut, strict=True):
+                encoded[i] = ids
+            report.truncated_rows += len(long)
+        for row, ids in zip(rows, encoded, strict=True):
+            if len(ids) > config.max_length:
+                report.dropped_too_long += 1
+                _quarantine(
+                    bad,
+                    row,
+                    Reason.TOO_MANY_TOKENS,
+                    f"{len(ids)} tokens > max_length={config.max_length} (truncation=drop)",
+                )
+                continue
+            report.tokens += len(ids)
+            out = {
+                "id": row["id"],
+                "input_ids": ids,
+                "label": label_map[str(row["label"])],
+                "num_tokens": len(ids),
+                "text": row["text"],
+            }
+            if (row.get("group") or row["id"]) in validation_groups:
+                report.validation_rows += 1
+                validation.add(out)
+            else:
+                report.train_rows += 1
+                train.add(out)
+    train.close()
+    validation.close()
+    report.train_file_rows = train.rows
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("labels", pa.list_(pa.int32())),
-            ("num_tokens", pa.int32()),
-            ("num_loss_tokens", pa.int32()),
-            ("messages", pa.string()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
+    """Write tokenized chat rows (packed when they have position_ids) in one go."""
+    packed = bool(rows) and "position_ids" in rows[0]
     with storage.atomic_file(path, "wb") as handle:
-        pq.write_table(table, handle)
+        out = _ParquetOut(handle, chat_schema(packed, {}))
+        for row in rows:
+            out.add(row)
+        out.close()
 
 
 def read_parquet(path: str | Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def read_label_map(path: str | Path) -> dict[str, int]:
+    """The label map stored in a tokenized classification file's schema metadata."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[LABEL_MAP_KEY.encode()])
