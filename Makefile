@@ -116,3 +116,13 @@ local-run: install ## kind-up, images, kind-load, then the demo pipeline on kind
 
 kind-down: ## delete the kind cluster
 	$(CLUSTER_ENV) $(SCRIPTS)/kind-down.sh
+
+# ---------------------------------------------------------------------------------------------
+# data stages benchmark (not part of `make test`): sftpipe clean + tokenize vs TRL's dataset
+# preparation on 200k synthetic conversations, loss masks compared, packing efficiency, and
+# peak RSS on a 2 GB input. BENCH_DATA_ARGS="--conversations 20000 --rss-gb 0.2" for a quick run.
+BENCH_DATA_ARGS ?=
+.PHONY: bench-data
+bench-data: install ## benchmark the data stages (~15-30 min on 2 cores)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python tests/bench/bench_data.py $(BENCH_DATA_ARGS)

@@ -1,0 +1,356 @@
+"""`make bench-data`: the data stages against TRL's own dataset preparation, in one run.
+
+1. 200k synthetic multi-turn conversations (80% English, 20% Chinese, 30% with a system
+   prompt, 1-8 exchanges, log-normal turn lengths: a skewed length distribution), JSONL.
+2. sftpipe clean + tokenize (SmolLM2's tokenizer from the demo package, max_length 1024,
+   packing on) vs TRL SFTTrainer's dataset preparation (same tokenizer and max_length,
+   assistant_only_loss through a {% generation %} copy of the same template, both cores).
+   Conversations per second of each, and the ratio.
+3. Loss masks: 500 sampled conversations tokenized by both must have identical input_ids and
+   labels.
+4. Packing efficiency (non-pad fraction at max_length) of the packed train file vs unpacked.
+5. Peak RSS of clean + tokenize (all processes) on a ~2 GB JSONL file.
+
+Usage: python tests/bench/bench_data.py [--conversations N] [--rss-gb G] [--skip-trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EN = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "there",
+    "use",
+    "an",
+    "each",
+    "which",
+    "she",
+    "do",
+    "how",
+    "their",
+    "if",
+    "will",
+    "up",
+    "other",
+    "about",
+    "out",
+    "many",
+    "then",
+    "them",
+    "these",
+    "so",
+    "some",
+    "her",
+    "would",
+    "make",
+    "like",
+    "him",
+    "into",
+    "time",
+    "has",
+    "look",
+    "two",
+    "more",
+    "write",
+    "go",
+    "see",
+    "number",
+    "no",
+    "way",
+    "could",
+    "people",
+    "my",
+    "than",
+    "first",
+    "water",
+    "been",
+    "call",
+    "who",
+    "oil",
+    "its",
+    "now",
+    "find",
+    "long",
+    "down",
+    "day",
+    "did",
+    "get",
+    "come",
+    "made",
+    "may",
+    "part",
+]
+# CJK ideographs from the start of the block (the most common ones sit there too).
+ZH = "".join(chr(code) for code in range(0x4E00, 0x5A00))
+
+MAX_LENGTH = 1024
+
+
+def generate(path: Path, count: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+
+    def text(chinese: bool, scale: float) -> str:
+        n = max(1, int(rng.lognormal(np.log(scale), 1.0)))
+        if chinese:
+            return "".join(ZH[i] for i in rng.integers(0, len(ZH), int(n * 1.5))) + "。"
+        words = " ".join(EN[i] for i in rng.integers(0, len(EN), n))
+        return words[:1].upper() + words[1:] + "."
+
+    with path.open("w", encoding="utf-8") as out:
+        for _ in range(count):
+            chinese = rng.random() < 0.2
+            messages = []
+            if rng.random() < 0.3:
+                messages.append({"role": "system", "content": text(chinese, 8)})
+            for _ in range(min(8, int(rng.geometric(0.5)))):
+                messages.append({"role": "user", "content": text(chinese, 15)})
+                messages.append({"role": "assistant", "content": text(chinese, 40)})
+            out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def tokenizer_dir(work: Path) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF the demo package ships."""
+    target = work / "smollm2-tokenizer"
+    if not (target / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        from sftpipe import demo
+
+        gguf = demo.gguf_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
+    return target
+
+
+def run_sftpipe(data: Path, model: Path, out: Path) -> dict:
+    from sftpipe.config import DataConfig, TokenizeConfig
+    from sftpipe.stages import clean, tokenize
+
+    start = time.perf_counter()
+    cleaned = clean.run(DataConfig(data_uri=str(data)), out / "c.jsonl", out / "q.jsonl")
+    middle = time.perf_counter()
+    tokenized = tokenize.run(
+        TokenizeConfig(max_length=MAX_LENGTH),
+        str(model),
+        out / "c.jsonl",
+        out / "train.parquet",
+        out / "val.parquet",
+        out / "tq.jsonl",
+    )
+    end = time.perf_counter()
+    return {
+        "clean_s": middle - start,
+        "tokenize_s": end - middle,
+        "seconds": end - start,
+        "rows_in": cleaned.rows_in,
+        "rows_out": cleaned.rows_out,
+        "packing_efficiency": tokenized.packing_efficiency,
+        "unpacked_efficiency": tokenized.unpacked_efficiency,
+    }
+
+
+def generation_template(template: str) -> str:
+    """The same ChatML rendering with {% generation %} around assistant replies (TRL needs it
+    for assistant_only_loss)."""
+    plain = (
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    )
+    assert plain in template, "unexpected template"
+    marked = (
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}" + plain + "{% endif %}"
+    )
+    return template.replace(plain, marked)
+
+
+def run_trl(data: Path, model: Path, out: Path, processes: int):
+    os.environ["HF_DATASETS_CACHE"] = str(out / "hf-cache")
+    import datasets
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = generation_template(tokenizer.chat_template)
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+        )
+    )
+    start = time.perf_counter()
+    dataset = datasets.load_dataset("json", data_files=str(data), split="train")
+    args = SFTConfig(
+        output_dir=str(out / "trl"),
+        max_length=MAX_LENGTH,
+        packing=False,
+        assistant_only_loss=True,
+        dataset_num_proc=processes if processes > 1 else None,
+        report_to=[],
+        use_cpu=True,
+        shuffle_dataset=False,
+    )
+    trainer = SFTTrainer(model=tiny, args=args, train_dataset=dataset, processing_class=tokenizer)
+    seconds = time.perf_counter() - start
+    return seconds, dataset, trainer.train_dataset
+
+
+def compare_masks(model: Path, dataset, prepared, count: int = 500) -> int:
+    """Conversations whose ids and labels differ between sftpipe and TRL (of `count`)."""
+    from sftpipe.chat_templates import Renderer, token_ranges
+    from sftpipe.models import load_tokenizer
+    from sftpipe.stages.tokenize import labels_for
+
+    tokenizer = load_tokenizer(model)
+    renderer = Renderer(tokenizer)
+    rng = np.random.default_rng(1)
+    differ = 0
+    for index in rng.choice(len(prepared), size=min(count, len(prepared)), replace=False):
+        messages = dataset[int(index)]["messages"]
+        text, spans = renderer.render(messages)
+        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        ids = encoding.ids[:MAX_LENGTH]
+        labels = labels_for(encoding.ids, token_ranges(encoding, spans))[:MAX_LENGTH]
+        row = prepared[int(index)]
+        differ += ids != row["input_ids"] or labels != row["labels"]
+    return differ
+
+
+def peak_rss(data: Path, model: Path, out: Path) -> float:
+    """Peak RSS (GB) of clean + tokenize, run in a child process (workers included)."""
+    here = str(Path(__file__).parent)
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); from bench_data import run_sftpipe; "
+        f"from pathlib import Path; run_sftpipe(Path({str(data)!r}), Path({str(model)!r}), "
+        f"Path({str(out)!r}))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--conversations", type=int, default=200_000)
+    parser.add_argument("--rss-gb", type=float, default=2.0)
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sftpipe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"[bench-data] workdir {work}; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores (other work on the machine slows both sides)",
+        flush=True,
+    )
+    model = tokenizer_dir(work)
+    data = work / "conversations.jsonl"
+    generate(data, args.conversations)
+    print(
+        f"[bench-data] {args.conversations:,} conversations, {data.stat().st_size / 1e6:.0f} MB",
+        flush=True,
+    )
+    ours = run_sftpipe(data, model, work / "sftpipe")
+    ours_rate = ours["rows_in"] / ours["seconds"]
+    print(
+        f"[bench-data] sftpipe clean {ours['clean_s']:.1f} s + tokenize "
+        f"{ours['tokenize_s']:.1f} s: {ours_rate:,.0f} conversations/s",
+        flush=True,
+    )
+    result = {"sftpipe": ours, "sftpipe_conversations_per_s": ours_rate}
+    if not args.skip_trl:
+        seconds, dataset, prepared = run_trl(data, model, work, os.cpu_count() or 1)
+        trl_rate = args.conversations / seconds
+        differ = compare_masks(model, dataset, prepared)
+        result |= {
+            "trl_seconds": seconds,
+            "trl_conversations_per_s": trl_rate,
+            "speedup": ours_rate / trl_rate,
+            "mask_mismatches_of_500": differ,
+        }
+        print(
+            f"[bench-data] TRL SFTTrainer preparation {seconds:.1f} s: {trl_rate:,.0f} "
+            f"conversations/s; sftpipe is {ours_rate / trl_rate:.2f}x; loss masks differ on "
+            f"{differ} of 500 sampled conversations",
+            flush=True,
+        )
+    print(
+        f"[bench-data] packing efficiency {ours['packing_efficiency']:.1%} packed vs "
+        f"{ours['unpacked_efficiency']:.1%} unpacked (non-pad fraction at max_length "
+        f"{MAX_LENGTH})",
+        flush=True,
+    )
+    if args.rss_gb > 0:
+        big = work / "big.jsonl"
+        per_file = data.stat().st_size
+        with big.open("wb") as out:
+            copies = 0
+            while out.tell() < args.rss_gb * 1e9:
+                generate(work / "part.jsonl", args.conversations, seed=copies + 1)
+                out.write((work / "part.jsonl").read_bytes())
+                copies += 1
+        (work / "part.jsonl").unlink()
+        rss = peak_rss(big, model, work / "rss")
+        result |= {"rss_input_gb": big.stat().st_size / 1e9, "peak_rss_gb": rss}
+        print(
+            f"[bench-data] peak RSS {rss:.2f} GB on a {big.stat().st_size / 1e9:.2f} GB JSONL "
+            f"(clean + tokenize, workers included; goal < 1.5 GB)",
+            flush=True,
+        )
+        del per_file
+    (work / "bench-data.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
