@@ -199,9 +199,7 @@ def run_sftpipe(data: Path, model: Path, out: Path) -> dict:
 def generation_template(template: str) -> str:
     """The same ChatML rendering with {% generation %} around assistant replies (TRL needs it
     for assistant_only_loss)."""
-    plain = (
-        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    )
+    plain = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     assert plain in template, "unexpected template"
     marked = (
         "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
