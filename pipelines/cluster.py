@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from kfp import kubernetes
 
+from sftpipe.tracking import RUN_ID_ENV
+
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
 
@@ -112,6 +114,9 @@ class ClusterOptions:
 
 def apply(task: Any, step: str, options: ClusterOptions) -> None:
     """Give one pipeline task its cluster settings."""
+    # The MLflow run key of every step (sftpipe.steps.RUN_ID_ENV): the run id label KFP puts on
+    # its pods, so clean and tokenize need no run-id input and stay cacheable across runs.
+    kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
     if options.s3_secret:
         kubernetes.use_secret_as_env(task, options.s3_secret, S3_SECRET_KEYS)
     if options.env_config_map:

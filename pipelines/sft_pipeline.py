@@ -85,15 +85,13 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         values = signature.bind(*args, **kwargs).arguments
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        clean_task = clean(**_inputs(clean, values), pipeline_run_id=run_id)
+        # No run id for clean and tokenize: an input would change their cache keys every run
+        # (they read it from the environment, see sftpipe.steps.RUN_ID_ENV).
+        clean_task = clean(**_inputs(clean, values))
         clean_task.set_display_name("clean").set_caching_options(True)
         on_cluster(clean_task, "clean")
 
-        tokenize_task = tokenize(
-            cleaned=clean_task.outputs["cleaned"],
-            **_inputs(tokenize, values),
-            pipeline_run_id=run_id,
-        )
+        tokenize_task = tokenize(cleaned=clean_task.outputs["cleaned"], **_inputs(tokenize, values))
         tokenize_task.set_display_name("tokenize").set_caching_options(True)
         on_cluster(tokenize_task, "tokenize")
 

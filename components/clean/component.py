@@ -23,7 +23,6 @@ def clean(
     translation_languages: str,
     num_workers: int,
     mlflow_experiment: str,
-    pipeline_run_id: str,
     cleaned: Output[Dataset],
     quarantine: Output[Dataset],
     metrics: Output[Metrics],

@@ -15,7 +15,6 @@ def tokenize(
     label_map: str,
     num_workers: int,
     mlflow_experiment: str,
-    pipeline_run_id: str,
     train: Output[Dataset],
     validation: Output[Dataset],
     quarantine: Output[Dataset],

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftpipe.config import PipelineConfig
 from sftpipe.errors import ERROR_FILE_ENV
+from sftpipe.tracking import RUN_ID_ENV
 
 DEFAULT_WORKDIR = Path(".sftpipe")
 
@@ -87,6 +89,8 @@ def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalR
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
+    # Every step's MLflow run key (KFP's local runner has no pod labels to take it from).
+    os.environ[RUN_ID_ENV] = uuid.uuid4().hex
     error_file = workdir / "last-error.txt"
     error_file.unlink(missing_ok=True)
     os.environ[ERROR_FILE_ENV] = str(error_file)

@@ -34,6 +34,7 @@ from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
 from sftpipe.stages import register as register_stage
 from sftpipe.stages import tokenize as tokenize_stage
+from sftpipe.tracking import RUN_ID_ENV
 
 RUNTIME_INPUTS = ("pipeline_run_id",)  # component inputs that are not config fields
 BASE_MODEL_DIGEST_TAG = "sftpipe.base_model_digest"
@@ -57,54 +58,100 @@ def run_step(step: str, **inputs: Any) -> Any:
         raise SystemExit(1) from None
 
 
+def run_key(params: dict[str, Any]) -> str:
+    """Which pipeline run this step belongs to ("" when neither the environment nor an input
+    says)."""
+    return os.environ.get(RUN_ID_ENV) or params.get("pipeline_run_id", "")
+
+
 def _tracker(params: dict[str, Any], *sections: Any) -> tracking.Tracker:
     experiment = TrackingConfig.from_values(params).mlflow_experiment
-    tracker = tracking.open_run(
-        experiment, params["pipeline_run_id"], run_name=f"sftpipe-{params['pipeline_run_id']}"
-    )
+    key = run_key(params)
+    if not key:
+        raise SftpipeError(RUN_ID_ENV, "no pipeline run id", "run the step inside the pipeline")
+    tracker = tracking.open_run(experiment, key, run_name=f"sftpipe-{key}")
     tracker.log_params({f"config.{k}": v for s in sections for k, v in s.model_dump().items()})
     return tracker
 
 
+def _data_tracker(params: dict[str, Any], *sections: Any) -> tracking.Tracker | None:
+    """The MLflow run for clean and tokenize, when the run id is known. Without it (a pod
+    without the label) they still work; finetune logs their results from the artifacts."""
+    if run_key(params):
+        return _tracker(params, *sections)
+    print(f"[mlflow] {RUN_ID_ENV} is not set: results go to MLflow with finetune", flush=True)
+    return None
+
+
+def _summary(config: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """What a step leaves in its output's metadata for a later step to log into MLflow (a
+    cached clean or tokenize does not run, so it cannot log into a new run itself)."""
+    return {"config": config.model_dump(), "metrics": metrics}
+
+
 def _record(
-    metrics_artifact: Any, tracker: tracking.Tracker, prefix: str, metrics: dict[str, float]
+    metrics_artifact: Any,
+    tracker: tracking.Tracker | None,
+    prefix: str,
+    metrics: dict[str, float],
 ) -> None:
     for key, value in metrics.items():
         metrics_artifact.log_metric(key, value)
-    tracker.log_metrics({f"{prefix}.{key}": value for key, value in metrics.items()})
+    if tracker:
+        tracker.log_metrics({f"{prefix}.{key}": value for key, value in metrics.items()})
+
+
+def _log_upstream(tracker: tracking.Tracker, train: Any) -> None:
+    """Log clean's and tokenize's config, metrics and digests from the train artifact, unless
+    they logged themselves into this run (they did not when they came from the cache)."""
+    if "clean.rows_in" in tracker.client.get_run(tracker.run_id).data.metrics:
+        return
+    for prefix in ("clean", "tokenize"):
+        summary = train.metadata.get(prefix) or {}
+        tracker.log_params({f"config.{k}": v for k, v in summary.get("config", {}).items()})
+        tracker.log_metrics({f"{prefix}.{k}": v for k, v in summary.get("metrics", {}).items()})
+    tracker.set_tags(
+        {
+            k: str(v)
+            for k, v in (train.metadata.get("clean") or {}).items()
+            if k.startswith("sftpipe.")
+        }
+    )
 
 
 def clean(
     params: dict[str, Any], cleaned: Any, quarantine: Any, metrics: Any, report: Any = None
 ) -> None:
     config = DataConfig.from_values(params)
-    tracker = _tracker(params, config)
+    tracker = _data_tracker(params, config)
     report_path = getattr(report, "path", None)
     try:
         result = clean_stage.run(config, cleaned.path, quarantine.path, report_path)
     except SftpipeError:
         # The report says why the step failed (counts, examples): keep it with the run.
-        if report_path and Path(report_path).exists():
+        if tracker and report_path and Path(report_path).exists():
             _log_bytes(tracker, "reports/clean.html", Path(report_path).read_bytes())
         raise
+    tags = {
+        "sftpipe.data.input_digest": result.input_digest,
+        "sftpipe.data.cleaned_digest": result.output_digest,
+        "sftpipe.data.task": result.task,
+    }
     cleaned.metadata.update(
         rows=result.rows_out,
         digest=result.output_digest,
         input_digest=result.input_digest,
         source=config.data_uri,
         task=result.task,
+        **_summary(config, result.metrics()),
+        **tags,
     )
     quarantine.metadata.update(rows=sum(result.dropped.values()))
     _record(metrics, tracker, "clean", result.metrics())
-    tracker.set_tags(
-        {
-            "sftpipe.data.input_digest": result.input_digest,
-            "sftpipe.data.cleaned_digest": result.output_digest,
-            "sftpipe.data.task": result.task,
-        }
-    )
-    if report_path:
-        _log_bytes(tracker, "reports/clean.html", Path(report_path).read_bytes())
+    if tracker:
+        tracker.set_tags(tags)
+        if report_path:
+            _log_bytes(tracker, "reports/clean.html", Path(report_path).read_bytes())
     print(
         f"[clean] {result.rows_out} of {result.rows_in} rows kept ({result.task}); quarantined: "
         f"{dict(result.dropped) or 'none'}",
@@ -123,7 +170,7 @@ def tokenize(
 ) -> None:
     config, model = TokenizeConfig.from_values(params), ModelConfig.from_values(params)
     data = DataConfig.from_values(params)
-    tracker = _tracker(params, config, model)
+    tracker = _data_tracker(params, config, model)
     report_path = getattr(report, "path", None)
     result = tokenize_stage.run(
         config,
@@ -146,6 +193,9 @@ def tokenize(
         file_rows=result.train_file_rows,
         packed=bool(config.packing and result.task == "chat"),
         digest=storage.sha256_file(train.path),
+        clean={k: v for k, v in cleaned.metadata.items() if k in ("config", "metrics")}
+        | {k: v for k, v in cleaned.metadata.items() if k.startswith("sftpipe.")},
+        tokenize=_summary(config, result.metrics()),
         **shared,
     )
     validation.metadata.update(
@@ -158,7 +208,7 @@ def tokenize(
         + result.unknown_labels
     )
     _record(metrics, tracker, "tokenize", result.metrics())
-    if report_path:
+    if tracker and report_path:
         _log_bytes(tracker, "reports/tokenize.html", Path(report_path).read_bytes())
     packed = (
         f", packed into {result.train_file_rows} rows ({result.packing_efficiency:.1%} full)"
@@ -176,11 +226,10 @@ def tokenize(
 def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, metrics: Any) -> None:
     config, base = TrainConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config, base)
+    _log_upstream(tracker, train)
     # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
     checkpoints = (
-        f"{config.checkpoint_uri.rstrip('/')}/{params['pipeline_run_id']}"
-        if config.checkpoint_uri
-        else ""
+        f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
     )
     tracker.log_dataset("train", train.uri, train.metadata.get("digest", ""), "training")
     tracker.log_dataset(
@@ -282,7 +331,8 @@ def register(
         {k: v for k, v in sorted(run.params.items()) if k.startswith("config.")}
     ).encode()
     lineage = {
-        "sftpipe.pipeline_run_id": params["pipeline_run_id"],
+        "sftpipe.pipeline_run_id": run_key(params),
+        "sftpipe.kfp_run_id": params["pipeline_run_id"],
         "sftpipe.base_model": str(model.metadata.get("base_model", "")),
         "sftpipe.base_model_digest": run.tags.get(BASE_MODEL_DIGEST_TAG, ""),
         "sftpipe.data.source": str(cleaned.metadata.get("source", "")),

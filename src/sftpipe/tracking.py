@@ -18,6 +18,10 @@ from typing import Any
 from sftpipe.errors import SftpipeError
 
 PIPELINE_RUN_TAG = "sftpipe.pipeline_run_id"
+# The key of the pipeline run's MLflow run. clean and tokenize take it from the environment, not
+# as an input, so that their cache keys stay the same from run to run: on a cluster the pod's
+# `pipeline/runid` label is mapped to it, `sftpipe run` sets it for every step.
+RUN_ID_ENV = "SFTPIPE_PIPELINE_RUN_ID"
 
 
 class Tracker:

@@ -20,6 +20,7 @@ from sftpipe.pipelines.cluster import ClusterOptions, Toleration
 from sftpipe.pipelines.sft_pipeline import build_pipeline
 
 from sftpipe.config import FIELDS, PipelineConfig
+from sftpipe.tracking import RUN_ID_ENV
 
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
 VARIANTS = {
@@ -83,11 +84,21 @@ def test_five_tasks_wired_by_artifacts(compiled):
         assert definition["artifactType"]["schemaTitle"] == kind
 
 
-def test_every_task_gets_the_pipeline_run_id(compiled):
-    _, spec, _, _ = compiled
+def test_run_id_reaches_every_task_without_breaking_the_cache(compiled):
+    """finetune, evaluate and register take the run id as an input; clean and tokenize must not
+    (it would change their cache key every run): on a cluster every step gets it from its pod's
+    run-id label instead."""
+    variant, spec, platform, _ = compiled
     for name, task in spec["root"]["dag"]["tasks"].items():
-        value = task["inputs"]["parameters"]["pipeline_run_id"]["runtimeValue"]["constant"]
-        assert value == "{{$.pipeline_job_uuid}}", name
+        parameters = task["inputs"]["parameters"]
+        if name in ("clean", "tokenize"):
+            assert "pipeline_run_id" not in parameters, name
+        else:
+            value = parameters["pipeline_run_id"]["runtimeValue"]["constant"]
+            assert value == "{{$.pipeline_job_uuid}}", name
+        if variant != "local":
+            (env,) = executor_platform(platform, name)["fieldPathAsEnv"]
+            assert env == {"name": RUN_ID_ENV, "fieldPath": "metadata.labels['pipeline/runid']"}
 
 
 def test_caching_on_for_clean_and_tokenize_only(compiled):
