@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from sftpipe import lm
 from sftpipe.distributed import SINGLE, World
 from sftpipe.errors import SftpipeError
-
-LABEL_MAP_KEY = b"sftpipe.label_map"
+from sftpipe.schemas import LABEL_MAP_KEY
 
 
 def label_map(path: str | Path) -> dict[str, int] | None:
     """The label -> id map of a classification Parquet file; None for chat data."""
-    import pyarrow.parquet as pq
+    from sftpipe.stages.tokenize import schema_metadata
 
-    metadata = pq.read_schema(path).metadata or {}
+    metadata = schema_metadata(path)
     return json.loads(metadata[LABEL_MAP_KEY]) if LABEL_MAP_KEY in metadata else None
 
 

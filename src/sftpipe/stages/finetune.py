@@ -38,7 +38,8 @@ from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.progress import Progress, format_duration
-from sftpipe.stages.tokenize import read_parquet
+from sftpipe.schemas import CHAT_TEMPLATE_KEY
+from sftpipe.stages.tokenize import read_parquet, schema_metadata
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
 
@@ -206,7 +207,9 @@ def run(
         )
     labels = classify.label_map(train_path)  # None: chat SFT of a causal LM
     model_dir = models.fetch(base_model)
-    tokenizer = models.load_tokenizer(model_dir, base_model, chat=labels is None)
+    # The template tokenize rendered with (an override included) goes out with the model.
+    template = schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, "")
+    tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=labels is None)
     lora.check_method(config, device)
     if labels is None:
         model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")

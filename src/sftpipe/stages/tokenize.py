@@ -702,9 +702,14 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def read_label_map(path: str | Path) -> dict[str, int]:
-    """The label map stored in a tokenized classification file's schema metadata."""
+def schema_metadata(path: str | Path) -> dict[str, str]:
+    """What tokenize stored in a Parquet file's schema metadata (label map, chat template)."""
     import pyarrow.parquet as pq
 
     metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata[LABEL_MAP_KEY.encode()])
+    return {key.decode(): value.decode() for key, value in metadata.items()}
+
+
+def read_label_map(path: str | Path) -> dict[str, int]:
+    """The label map stored in a tokenized classification file's schema metadata."""
+    return json.loads(schema_metadata(path)[LABEL_MAP_KEY])

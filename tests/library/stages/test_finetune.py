@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from sftpipe import lm
-from sftpipe.config import TrainConfig
+from sftpipe.config import TokenizeConfig, TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.models import load_causal_lm, load_tokenizer
 from sftpipe.stages import finetune, tokenize
+from sftpipe.stages.clean import conversation_id
 from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
 
 
@@ -147,3 +148,26 @@ def test_fp16_uses_loss_scaling_and_reports_mfu(tiny_model_dir, tokenized, tmp_p
     assert report.best_validation_loss < report.history[0]["validation_loss"]
     assert 0 < report.mfu < 1
     assert all(0 < h["mfu"] < 1 for h in report.history if "mfu" in h)
+
+
+def test_the_template_used_for_training_goes_out_with_the_model(tiny_model_dir, tmp_path):
+    custom = load_tokenizer(tiny_model_dir).chat_template + "{# sftpipe test template #}"
+    rows = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        for i in range(10)
+    ]
+    with (tmp_path / "cleaned.jsonl").open("w") as handle:
+        for messages in rows:
+            row = {"id": conversation_id(messages), "messages": messages, "source": "x"}
+            handle.write(json.dumps(row) + "\n")
+    paths = [tmp_path / name for name in ("train.parquet", "val.parquet", "q.jsonl")]
+    tokenize.run(
+        TokenizeConfig(max_length=32, chat_template=custom),
+        str(tiny_model_dir),
+        tmp_path / "cleaned.jsonl",
+        *paths,
+    )
+    finetune.run(
+        TrainConfig(max_steps=1), str(tiny_model_dir), paths[0], paths[1], tmp_path / "out"
+    )
+    assert load_tokenizer(tmp_path / "out").chat_template == custom

@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from sftpipe import classify
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
+from sftpipe.schemas import LABEL_MAP_KEY
 from sftpipe.stages import finetune
 
 LABELS = {"negative": 0, "positive": 1}
@@ -55,7 +56,7 @@ def write_split(path, tokenizer, count, seed, label_map=LABELS):
             }
         )
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {classify.LABEL_MAP_KEY: json.dumps(label_map)}
+        {LABEL_MAP_KEY: json.dumps(label_map)}
     )
     pq.write_table(table, path)
     return path
