@@ -92,12 +92,15 @@ class ClusterOptions:
     memory_requests: dict[str, str] = field(
         default_factory=lambda: {"finetune": "16G", "evaluate": "8G"}
     )
+    clean_shards: int = 1  # >1: clean fans out over groups of input files (dsl.ParallelFor)
 
     def __post_init__(self) -> None:
         if self.accelerator_count < 1:
             raise ValueError("accelerator_count must be at least 1")
         if self.retries < 0:
             raise ValueError("retries must be 0 or more")
+        if self.clean_shards < 1:
+            raise ValueError("clean_shards must be at least 1")
         if self.image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"image_pull_policy must be one of {PULL_POLICIES[1:]}")
         for what, requests in (("cpu", self.cpu_requests), ("memory", self.memory_requests)):

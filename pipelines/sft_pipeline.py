@@ -13,6 +13,7 @@ from typing import Any
 
 from kfp import dsl
 from sftpipe.components.clean import clean
+from sftpipe.components.clean.fan_out import clean_merge, clean_plan, clean_shard
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
 from sftpipe.components.images import CPU_IMAGE
@@ -66,6 +67,23 @@ def _in_image(component: Any, image: str) -> Any:
     return variant
 
 
+def _clean_in_shards(values: dict[str, Any], cluster: ClusterOptions, on_cluster: Any) -> Any:
+    """clean fanned out over groups of input files, merged by a last task whose outputs are
+    those of `clean` (cleaned, quarantine, metrics, report)."""
+    plan = clean_plan(**_inputs(clean_plan, values), num_shards=cluster.clean_shards)
+    plan.set_display_name("clean: plan shards").set_caching_options(True)
+    on_cluster(plan, "clean")
+    with dsl.ParallelFor(plan.outputs["shards"], parallelism=cluster.clean_shards) as shard:
+        part = clean_shard(shard=shard, data_config=plan.outputs["data_config"])
+        part.set_display_name("clean: shard").set_caching_options(True)
+        on_cluster(part, "clean")
+    return clean_merge(
+        data_config=plan.outputs["data_config"],
+        mlflow_experiment=values["mlflow_experiment"],
+        parts=dsl.Collected(part.outputs["part"]),
+    )
+
+
 def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
     """The pipeline; `cluster` adds the Kubernetes settings (None: for KFP's local runner).
 
@@ -87,7 +105,10 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
 
         # No run id for clean and tokenize: an input would change their cache keys every run
         # (they read it from the environment, see sftpipe.steps.RUN_ID_ENV).
-        clean_task = clean(**_inputs(clean, values))
+        if cluster is not None and cluster.clean_shards > 1:
+            clean_task = _clean_in_shards(values, cluster, on_cluster)
+        else:
+            clean_task = clean(**_inputs(clean, values))
         clean_task.set_display_name("clean").set_caching_options(True)
         on_cluster(clean_task, "clean")
 

@@ -177,6 +177,14 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         help=f"accelerators for finetune (default: {d.accelerator_count})",
     )
     group.add_argument(
+        "--clean-shards",
+        type=int,
+        default=d.clean_shards,
+        metavar="N",
+        help="clean in N parallel shards of the input files, then merge (large inputs; "
+        f"default: {d.clean_shards})",
+    )
+    group.add_argument(
         "--node-selector",
         action="append",
         default=[],
@@ -269,6 +277,7 @@ def cluster_options_from_args(args: argparse.Namespace) -> Any:
             image_pull_policy=args.image_pull_policy or "",
             cpu_requests=d.cpu_requests | _pairs(args.cpu_request, "--cpu-request"),
             memory_requests=d.memory_requests | _pairs(args.memory_request, "--memory-request"),
+            clean_shards=args.clean_shards,
         )
     except ValueError as exc:
         raise SftpipeError("cluster options", str(exc), "see `sftpipe compile --help`") from None

@@ -36,15 +36,17 @@ from sftpipe.stages import register as register_stage
 from sftpipe.stages import tokenize as tokenize_stage
 from sftpipe.tracking import RUN_ID_ENV
 
-RUNTIME_INPUTS = ("pipeline_run_id",)  # component inputs that are not config fields
+# Component inputs that are not config fields: the run id, and what the fan-out of clean over
+# input shards passes between its steps.
+RUNTIME_INPUTS = ("pipeline_run_id", "num_shards", "shard", "data_config")
 BASE_MODEL_DIGEST_TAG = "sftpipe.base_model_digest"
 CODE_VERSION_ENV = "SFTPIPE_CODE_VERSION"
 
 
 def run_step(step: str, **inputs: Any) -> Any:
     """Entry point of every component: `return run_step("clean", **locals())`."""
-    params = {k: v for k, v in inputs.items() if not hasattr(v, "path")}
-    artifacts = {k: v for k, v in inputs.items() if hasattr(v, "path")}
+    artifacts = {k: v for k, v in inputs.items() if _is_artifact(v)}
+    params = {k: v for k, v in inputs.items() if k not in artifacts}
     unknown = set(params) - set(FIELDS) - set(RUNTIME_INPUTS)
     if unknown:
         raise TypeError(f"component {step!r} has inputs that are not config fields: {unknown}")
@@ -56,6 +58,13 @@ def run_step(step: str, **inputs: Any) -> Any:
         if os.environ.get(ERROR_FILE_ENV):
             Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
         raise SystemExit(1) from None
+
+
+def _is_artifact(value: Any) -> bool:
+    """A KFP artifact, or a list of them (dsl.Collected)."""
+    if isinstance(value, list):
+        return bool(value) and all(hasattr(item, "path") for item in value)
+    return hasattr(value, "path")
 
 
 def run_key(params: dict[str, Any]) -> str:
@@ -123,10 +132,57 @@ def clean(
     params: dict[str, Any], cleaned: Any, quarantine: Any, metrics: Any, report: Any = None
 ) -> None:
     config = DataConfig.from_values(params)
+    _publish_clean(params, config, cleaned, quarantine, metrics, report, clean_stage.run)
+
+
+def clean_plan(params: dict[str, Any]) -> Any:
+    """Fan-out, step 1: the input files in `num_shards` groups, and the validated config."""
+    from collections import namedtuple
+
+    config = DataConfig.from_values(params)
+    shards = clean_stage.plan_shards(config, params["num_shards"])
+    print(f"[clean] {len(shards)} shards of {config.data_uri}", flush=True)
+    return namedtuple("Plan", ["shards", "data_config"])(shards, config.model_dump_json())
+
+
+def clean_shard(params: dict[str, Any], part: Any) -> None:
+    """Fan-out, step 2: clean one group of files into a folder (rows, keys, signatures)."""
+    config = DataConfig.model_validate_json(params["data_config"])
+    summary = clean_stage.run_shard_json(config, params["shard"], part.path)
+    print(f"[clean] shard done: {summary}", flush=True)
+
+
+def clean_merge(
+    params: dict[str, Any],
+    parts: list[Any],
+    cleaned: Any,
+    quarantine: Any,
+    metrics: Any,
+    report: Any = None,
+) -> None:
+    """Fan-out, step 3: de-duplicate across shards and publish what `clean` publishes."""
+    config = DataConfig.model_validate_json(params["data_config"])
+
+    def merge(config: DataConfig, cleaned_path: str, quarantine_path: str, report_path: Any) -> Any:
+        folders = [part.path for part in parts]
+        return clean_stage.merge(config, folders, cleaned_path, quarantine_path, report_path)
+
+    _publish_clean(params, config, cleaned, quarantine, metrics, report, merge)
+
+
+def _publish_clean(
+    params: dict[str, Any],
+    config: DataConfig,
+    cleaned: Any,
+    quarantine: Any,
+    metrics: Any,
+    report: Any,
+    produce: Callable[..., Any],
+) -> None:
     tracker = _data_tracker(params, config)
     report_path = getattr(report, "path", None)
     try:
-        result = clean_stage.run(config, cleaned.path, quarantine.path, report_path)
+        result = produce(config, cleaned.path, quarantine.path, report_path)
     except SftpipeError:
         # The report says why the step failed (counts, examples): keep it with the run.
         if tracker and report_path and Path(report_path).exists():
@@ -367,6 +423,9 @@ def register(
 
 STEPS: dict[str, Callable[..., Any]] = {
     "clean": clean,
+    "clean_plan": clean_plan,
+    "clean_shard": clean_shard,
+    "clean_merge": clean_merge,
     "tokenize": tokenize,
     "finetune": finetune,
     "evaluate": evaluate,

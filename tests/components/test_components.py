@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 from sftpipe.components.clean import clean
+from sftpipe.components.clean.fan_out import clean_merge, clean_plan, clean_shard
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
 from sftpipe.components.register import register
@@ -15,6 +16,9 @@ from sftpipe.steps import RUNTIME_INPUTS, STEPS
 
 COMPONENTS = {
     "clean": clean,
+    "clean_plan": clean_plan,
+    "clean_shard": clean_shard,
+    "clean_merge": clean_merge,
     "tokenize": tokenize,
     "finetune": finetune,
     "evaluate": evaluate,

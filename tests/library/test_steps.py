@@ -2,6 +2,7 @@
 
 import json
 import uuid
+from pathlib import Path
 
 from sftpipe import steps
 from sftpipe.config import PipelineConfig
@@ -60,3 +61,49 @@ def test_cached_data_steps_still_reach_mlflow_through_finetune(
     assert run.metrics["clean.rows_in"] == 12 and run.metrics["tokenize.train_rows"] > 0
     assert run.params["config.data_uri"] == str(data)
     assert run.tags["sftpipe.data.input_digest"] == cleaned.metadata["sftpipe.data.input_digest"]
+
+
+def test_clean_fanned_out_over_shards_equals_one_clean(tmp_path, monkeypatch):
+    """plan -> one clean_shard per group of files -> clean_merge writes the bytes that a single
+    clean writes, duplicates across shards included."""
+    monkeypatch.delenv(RUN_ID_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for shard in range(3):
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"a{i}"},
+                ]
+            }
+            for i in range(shard * 4, shard * 4 + 6)
+        ]  # overlaps the next shard: duplicates
+        (folder / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = PipelineConfig.from_flat({"data_uri": str(folder)}).flat()
+
+    single = {
+        name: Artifact(tmp_path / "single" / name)
+        for name in ("cleaned", "quarantine", "metrics", "report")
+    }
+    steps.clean(params, **single)
+
+    plan = steps.clean_plan(params | {"num_shards": 3})
+    assert len(plan.shards) == 3
+    parts = []
+    for index, shard in enumerate(plan.shards):
+        part = Artifact(tmp_path / "parts" / str(index))
+        steps.clean_shard({"shard": shard, "data_config": plan.data_config}, part)
+        parts.append(part)
+    merged = {
+        name: Artifact(tmp_path / "merged" / name)
+        for name in ("cleaned", "quarantine", "metrics", "report")
+    }
+    steps.clean_merge({"data_config": plan.data_config, "mlflow_experiment": "x"}, parts, **merged)
+
+    for name in ("cleaned", "quarantine"):
+        merged_bytes = Path(merged[name].path).read_bytes()
+        assert merged_bytes == Path(single[name].path).read_bytes()
+    assert merged["cleaned"].metadata["digest"] == single["cleaned"].metadata["digest"]
+    assert merged["metrics"].metadata["dropped_duplicate"] == 4

@@ -259,3 +259,27 @@ def test_bad_options_are_refused(kwargs, message):
         ClusterOptions(**kwargs)
     with pytest.raises(ValueError, match="KEY"):
         Toleration.parse("key:Sometimes")
+
+
+def test_clean_fans_out_over_shards_on_request(tmp_path_factory):
+    """--clean-shards N: a plan task, a ParallelFor of clean_shard tasks (at most N at once),
+    and a merge task whose outputs feed tokenize and register as clean's would."""
+    text = compile_yaml(tmp_path_factory, ClusterOptions(gpu=False, clean_shards=3))
+    spec, platform = list(yaml.safe_load_all(text))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"clean-plan", "for-loop-1", "clean-merge"} <= set(tasks) and "clean" not in tasks
+    loop = tasks["for-loop-1"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("shards")
+    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(inner) == {"clean-shard"}
+    merge = tasks["clean-merge"]
+    assert merge["taskInfo"]["name"] == "clean" and merge["cachingOptions"] == {"enableCache": True}
+    assert (
+        merge["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    )
+    assert artifact_source(tasks["tokenize"], "cleaned") == ("clean-merge", "cleaned")
+    assert artifact_source(tasks["register"], "cleaned") == ("clean-merge", "cleaned")
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("exec-clean-plan", "exec-clean-shard", "exec-clean-merge"):
+        assert executors[step]["secretAsEnv"], step
