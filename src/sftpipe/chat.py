@@ -67,14 +67,14 @@ class ChatSession:
         temperature: float = 0.0,
     ) -> None:
         from sftpipe import lm
-        from sftpipe.stages.evaluate import context_length, eos_token_ids
+        from sftpipe.stages.evaluate import context_length, eos_token_ids, generation_dtype
 
         self.model, self.tokenizer = model, tokenizer
         self.system, self.max_new_tokens, self.temperature = system, max_new_tokens, temperature
         self.stop_ids = eos_token_ids(model, tokenizer)
         self.context = context_length(model) or tokenizer.model_max_length
         self.device = next(model.parameters()).device
-        self.dtype = lm.autocast_dtype("auto", self.device)
+        self.dtype = generation_dtype(self.device, lm.autocast_dtype("auto", self.device))
         self.history: list[dict[str, str]] = []
         self.dropped_turns = 0
 

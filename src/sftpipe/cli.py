@@ -150,7 +150,11 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
                 print(f"    {key:<22} {base:>10} {tuned:>10}")
         print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
         print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
-        print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}")
+        store = Path(result.tracking_uri.removeprefix("sqlite:///")).parent
+        local = "" if store == Path(".sftpipe").resolve() else f" --workdir {store}"
+        if not result.tracking_uri.startswith("sqlite:///"):
+            local = ""
+        print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
     print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
 
 

@@ -1,5 +1,6 @@
-"""Reports people look at: the loss-curve plot and the evaluation HTML (shown in the KFP UI as
-an HTML artifact and logged to MLflow). Self-contained: the plot is an inline PNG."""
+"""Reports people look at: the loss-curve plot, the evaluation plots (generation metrics and
+response lengths, base vs tuned) and the evaluation HTML (shown in the KFP UI as an HTML
+artifact and logged to MLflow). Self-contained: the plots are inline PNGs."""
 
 from __future__ import annotations
 

@@ -33,6 +33,8 @@ from sftpipe.progress import Progress, format_duration
 from sftpipe.stages.finetune import TRAINING_LOG
 from sftpipe.stages.tokenize import read_parquet, render
 
+PROGRESS_EVERY_S = 5.0  # generation progress lines at most this often (and at the end)
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -135,6 +137,14 @@ def context_length(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def generation_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
+    """Autocast for generation on GPUs only. On CPUs fp32 decodes as fast as bf16 autocast in
+    batches (SmolLM2-135M, batch 8: 95 vs 106 tokens/s), 2.3x faster one prompt at a time
+    (autocast re-casts every weight at every step), and gives the same greedy answers batched
+    or not (bf16: half of them differ)."""
+    return dtype if device.type == "cuda" else None
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -158,7 +168,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     results: dict[int, Generation] = {}
     progress = Progress(label, len(texts), "prompts")
-    start, generated = time.perf_counter(), 0
+    start, generated, shown = time.perf_counter(), 0, 0.0
     for first in range(0, len(order), batch_size):
         chunk = order[first : first + batch_size]
         encode: dict[str, Any] = {"add_special_tokens": False, "padding": True}
@@ -181,7 +191,9 @@ def generate(
             results[index] = Generation(text, len(kept), end is not None)
             generated += len(kept) + (end is not None)
         elapsed = time.perf_counter() - start
-        progress.update(len(results), f"{generated / max(elapsed, 1e-9):.1f} tokens/s")
+        if elapsed - shown >= PROGRESS_EVERY_S or len(results) == len(texts):
+            progress.update(len(results), f"{generated / max(elapsed, 1e-9):.1f} tokens/s")
+            shown = elapsed
     return GenerationRun([results[i] for i in range(len(texts))], time.perf_counter() - start)
 
 
@@ -257,7 +269,7 @@ def score(
             config.max_new_tokens,
             config.eval_batch_size,
             device,
-            dtype,
+            generation_dtype(device, dtype),
             label=f"generate {label}",
         )
         metrics |= generation_metrics(run, eval_set.references)

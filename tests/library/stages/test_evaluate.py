@@ -120,3 +120,23 @@ def test_text_metrics():
     zh = evaluate.text_metrics(["今天天气很好"], ["今天天气很好。"])
     assert zh["rouge_l"] > 90 and zh["bleu"] > 0
     assert evaluate.text_metrics([""], ["something"])["rouge_l"] == 0.0
+
+
+def test_eval_set_follows_another_tokenizer(tiny_model_dir, trained, tmp_path):
+    """A champion with another tokenizer is scored on the same conversations, re-tokenized."""
+    from fixtures.tiny_model import build_tiny_chat_model, default_corpus
+
+    from sftpipe import models
+
+    _, validation = trained
+    eval_set = evaluate.load_eval_set(validation, 2)
+    same = models.load_tokenizer(tiny_model_dir)
+    assert evaluate.for_tokenizer(eval_set, same) is eval_set
+    other_dir = build_tiny_chat_model(tmp_path / "other", corpus=default_corpus()[::3])
+    other = models.load_tokenizer(other_dir)
+    again = evaluate.for_tokenizer(eval_set, other)
+    assert again.prompts == eval_set.prompts and len(again.rows) == len(eval_set.rows)
+    assert [r["input_ids"] for r in again.rows] != [r["input_ids"] for r in eval_set.rows]
+    for row in again.rows:
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert other.decode(row["input_ids"]).startswith("<|im_start|>user\nSay ")
