@@ -238,7 +238,7 @@ class TokenizeConfig(Section):
 
 
 class TrainConfig(Section):
-    """finetune: full fine-tuning of a causal LM on the assistant tokens."""
+    """finetune: full or adapter fine-tuning (chat SFT or classification), checkpoints."""
 
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
     num_epochs: float = Field(1.0, gt=0.0, description="Passes over the training set.")

@@ -1,4 +1,7 @@
-"""finetune: full fine-tuning of a causal LM on the assistant tokens of tokenized chats.
+"""finetune: fine-tune the base model on tokenize's output and export the best checkpoint.
+
+Tasks: chat SFT of a causal LM on the assistant tokens (plain or packed rows), and sequence
+classification when the data carries a label map.
 
 Supports:
 - AdamW (no weight decay on biases and norms), linear warmup then cosine decay to 10% of peak;
