@@ -1,11 +1,10 @@
 import html
-import json
 
 import pytest
+from fixtures.data import tokenize_chats
 
-from sftpipe.config import EvalConfig, RegisterConfig, TokenizeConfig, TrainConfig
-from sftpipe.stages import evaluate, finetune, tokenize
-from sftpipe.stages.clean import conversation_id
+from sftpipe.config import EvalConfig, RegisterConfig, TrainConfig
+from sftpipe.stages import evaluate, finetune
 
 GATE = RegisterConfig().gate_spec()
 
@@ -14,21 +13,11 @@ GATE = RegisterConfig().gate_spec()
 def trained(tiny_model_dir, tmp_path_factory):
     """A validation set and a model fine-tuned on its siblings (shared by this module)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    with (tmp / "cleaned.jsonl").open("w") as handle:
-        for i in range(30):
-            messages = [
-                {"role": "user", "content": f"Say {i}"},
-                {"role": "assistant", "content": f"{i} <b>{i}</b>"},
-            ]
-            row = {"id": conversation_id(messages), "messages": messages, "source": f"x:{i}"}
-            handle.write(json.dumps(row) + "\n")
-    paths = [tmp / name for name in ("train.parquet", "val.parquet", "q.jsonl")]
-    tokenize.run(
-        TokenizeConfig(max_length=32, validation_fraction=0.2),
-        str(tiny_model_dir),
-        tmp / "cleaned.jsonl",
-        *paths,
+    exchanges = [(f"Say {i}", f"{i} <b>{i}</b>") for i in range(30)]
+    train, val = tokenize_chats(
+        tiny_model_dir, tmp, exchanges, max_length=32, validation_fraction=0.2
     )
+    paths = [train, val]
     finetune.run(
         TrainConfig(max_steps=15, learning_rate=3e-3, eval_every=5),
         str(tiny_model_dir),

@@ -4,14 +4,14 @@ import shutil
 
 import pytest
 import torch
+from fixtures.data import tokenize_chats
 from safetensors.torch import load_file
 
 from sftpipe import lm
-from sftpipe.config import TokenizeConfig, TrainConfig
+from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.models import load_causal_lm, load_tokenizer
 from sftpipe.stages import finetune, tokenize
-from sftpipe.stages.clean import conversation_id
 from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
 
 
@@ -152,21 +152,8 @@ def test_fp16_uses_loss_scaling_and_reports_mfu(tiny_model_dir, tokenized, tmp_p
 
 def test_the_template_used_for_training_goes_out_with_the_model(tiny_model_dir, tmp_path):
     custom = load_tokenizer(tiny_model_dir).chat_template + "{# sftpipe test template #}"
-    rows = [
-        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-        for i in range(10)
-    ]
-    with (tmp_path / "cleaned.jsonl").open("w") as handle:
-        for messages in rows:
-            row = {"id": conversation_id(messages), "messages": messages, "source": "x"}
-            handle.write(json.dumps(row) + "\n")
-    paths = [tmp_path / name for name in ("train.parquet", "val.parquet", "q.jsonl")]
-    tokenize.run(
-        TokenizeConfig(max_length=32, chat_template=custom),
-        str(tiny_model_dir),
-        tmp_path / "cleaned.jsonl",
-        *paths,
-    )
+    exchanges = [(f"q{i}", f"a{i}") for i in range(10)]
+    paths = tokenize_chats(tiny_model_dir, tmp_path, exchanges, max_length=32, chat_template=custom)
     finetune.run(
         TrainConfig(max_steps=1), str(tiny_model_dir), paths[0], paths[1], tmp_path / "out"
     )

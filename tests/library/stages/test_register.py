@@ -6,12 +6,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fixtures.data import tokenize_chats
 
 from sftpipe import cli, registry
-from sftpipe.config import EvalConfig, RegisterConfig, TokenizeConfig
+from sftpipe.config import EvalConfig, RegisterConfig
 from sftpipe.errors import SftpipeError
-from sftpipe.stages import register, tokenize
-from sftpipe.stages.clean import conversation_id
+from sftpipe.stages import register
 from sftpipe.tracking import open_run
 
 EVAL = EvalConfig(eval_prompts=3, max_new_tokens=4, eval_batch_size=4)
@@ -34,22 +34,8 @@ def scores(tuned_loss, base_loss=7.0, tuned_eos=0.5, base_eos=0.5):
 @pytest.fixture(scope="module")
 def validation(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("register")
-    with (tmp / "cleaned.jsonl").open("w") as handle:
-        for i in range(20):
-            messages = [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": f"{2 * i}."},
-            ]
-            row = {"id": conversation_id(messages), "messages": messages, "source": f"x:{i}"}
-            handle.write(json.dumps(row) + "\n")
-    paths = [tmp / name for name in ("train.parquet", "val.parquet", "q.jsonl")]
-    tokenize.run(
-        TokenizeConfig(max_length=32, validation_fraction=0.3),
-        str(tiny_model_dir),
-        tmp / "cleaned.jsonl",
-        *paths,
-    )
-    return paths[1]
+    exchanges = [(f"What is {i} plus {i}?", f"{2 * i}.") for i in range(20)]
+    return tokenize_chats(tiny_model_dir, tmp, exchanges, max_length=32, validation_fraction=0.3)[1]
 
 
 def registered(name, model_dir, validation, metrics, run_id=None, **config):
