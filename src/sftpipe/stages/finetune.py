@@ -45,6 +45,7 @@ from sftpipe.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.stages.tokenize import read_parquet, schema_metadata
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
+BEST_FILE = "best.pt"  # the best weights so far (scratch space and checkpoints)
 
 
 @dataclass
@@ -128,10 +129,6 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     """`print` for processes other than the main one."""
 
 
-def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 class _SigtermFlag:
     """Kubernetes sends SIGTERM before it kills a pod: note it, and let the loop checkpoint and
     stop at the end of the current step."""
@@ -153,25 +150,27 @@ class _SigtermFlag:
 
 
 def restore(
-    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any
-) -> tuple[int, EarlyStopping, TrainReport, dict[str, torch.Tensor]]:
-    """Load a checkpoint written by `run` into the model and optimizer; returns the step, the
-    early-stopping state, the report so far and the best weights."""
-    weights = torch.load(folder / "model.pt", weights_only=True)
-    model.load_state_dict(weights["model"])
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    best_file: Path,
+) -> tuple[int, EarlyStopping, TrainReport]:
+    """Load a checkpoint written by `run` into the model and optimizer, and its best weights
+    into `best_file`; returns the step, the early-stopping state and the report so far."""
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    if (folder / BEST_FILE).exists():
+        shutil.copyfile(folder / BEST_FILE, best_file)
+    else:  # the checkpoint's own weights were the best
+        torch.save(model.state_dict(), best_file)
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     torch.set_rng_state(trainer["rng"])
     state = json.loads((folder / "trainer_state.json").read_text())
-    best = weights["best"] if weights["best"] is not None else _cpu_copy(model)
-    return (
-        state["step"],
-        EarlyStopping(**state["early_stopping"]),
-        TrainReport(**state["report"]),
-        best,
-    )
+    return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
 
 
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
@@ -307,11 +306,15 @@ def run(
     )
     store = CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None
     early_stopping = EarlyStopping(config.early_stopping_patience)
-    resume_dir = Path(tempfile.mkdtemp(prefix="sftpipe-resume-"))
+    # The best weights so far live in a file, not in a second copy in memory (for a large model
+    # that copy alone would need as much RAM as the model).
+    scratch = Path(tempfile.mkdtemp(prefix="sftpipe-finetune-"))
+    best_file = scratch / BEST_FILE
+    resume_dir = scratch / "resume"
     checkpoint = store.latest(resume_dir) if store else None
     if checkpoint:
-        start_step, early_stopping, report, best_state = restore(
-            checkpoint, model, optimizer, scheduler, scaler
+        start_step, early_stopping, report = restore(
+            checkpoint, model, optimizer, scheduler, scaler, best_file
         )
         for _ in range(start_step):
             next(windows)  # the data position: the order is a function of the seed
@@ -319,14 +322,16 @@ def run(
     else:
         start_step = 0
         early_stopping.update(validate(0), step=0)
-        best_state = _cpu_copy(model)
+        if world.is_main:
+            torch.save(model.state_dict(), best_file)
     shutil.rmtree(resume_dir, ignore_errors=True)
     sigterm = _SigtermFlag()
 
     def save_checkpoint(step: int) -> None:
         def write(folder: Path) -> None:
-            best = None if early_stopping.best_step == step else best_state
-            torch.save({"model": model.state_dict(), "best": best}, folder / "model.pt")
+            torch.save(model.state_dict(), folder / "model.pt")
+            if early_stopping.best_step != step:
+                shutil.copyfile(best_file, folder / BEST_FILE)
             torch.save(
                 {
                     "optimizer": optimizer.state_dict(),
@@ -415,8 +420,8 @@ def run(
 
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
-            if early_stopping.update(validation_loss, step):
-                best_state = _cpu_copy(model)
+            if early_stopping.update(validation_loss, step) and world.is_main:
+                torch.save(model.state_dict(), best_file)
             log(
                 f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
                 f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
@@ -456,10 +461,11 @@ def run(
 
     # --- export ----------------------------------------------------------------------------
     if world.is_main:
-        model.load_state_dict(best_state)
+        model.load_state_dict(torch.load(best_file, weights_only=True))
         with storage.atomic_dir(output_dir) as tmp:
             lora.save(model, tokenizer, tmp)
             (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
+    shutil.rmtree(scratch, ignore_errors=True)
     world.barrier()
     if tracker:
         tracker.log_metrics(
