@@ -244,7 +244,7 @@ def run_trl(data: Path, model: Path, out: Path, processes: int):
     return seconds, dataset, trainer.train_dataset
 
 
-def compare_masks(model: Path, dataset, prepared, count: int = 500) -> int:
+def compare_masks(model: Path, prepared, count: int = 500) -> int:
     """Conversations whose ids and labels differ between sftpipe and TRL (of `count`)."""
     from sftpipe.chat_templates import Renderer, token_ranges
     from sftpipe.models import load_tokenizer
@@ -255,7 +255,9 @@ def compare_masks(model: Path, dataset, prepared, count: int = 500) -> int:
     rng = np.random.default_rng(1)
     differ = 0
     for index in rng.choice(len(prepared), size=min(count, len(prepared)), replace=False):
-        messages = dataset[int(index)]["messages"]
+        # The prepared row's own messages: TRL drops rows while preparing, so the same index in
+        # the raw dataset is another conversation.
+        messages = prepared[int(index)]["messages"]
         text, spans = renderer.render(messages)
         encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
         ids = encoding.ids[:MAX_LENGTH]
@@ -307,9 +309,9 @@ def main() -> None:
     )
     result = {"sftpipe": ours, "sftpipe_conversations_per_s": ours_rate}
     if not args.skip_trl:
-        seconds, dataset, prepared = run_trl(data, model, work, os.cpu_count() or 1)
+        seconds, _, prepared = run_trl(data, model, work, os.cpu_count() or 1)
         trl_rate = args.conversations / seconds
-        differ = compare_masks(model, dataset, prepared)
+        differ = compare_masks(model, prepared)
         result |= {
             "trl_seconds": seconds,
             "trl_conversations_per_s": trl_rate,
