@@ -58,7 +58,6 @@ class ClassLoss(torch.nn.Module):
         return F.cross_entropy(logits, batch["labels"], weight=self.weights, reduction="sum")
 
 
-@torch.no_grad()
 def mean_loss(
     model: Any,
     rows: Sequence[dict[str, Any]],
@@ -69,19 +68,16 @@ def mean_loss(
     world: World = SINGLE,
 ) -> float:
     """Mean (unweighted) cross-entropy per example over `rows`."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for chunk in lm.batches(rows[world.rank :: world.size], batch_size):
+
+    def summed(chunk: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with lm.autocast(device, dtype):
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
-        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-    model.train(was_training)
-    total, count = world.sum(total, len(rows[world.rank :: world.size]))
-    return total / max(count, 1)
+        return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(chunk)
+
+    return lm.mean_over(model, rows, batch_size, world, summed)
 
 
 def check_labels(rows: Sequence[dict[str, Any]], labels: dict[str, int], where: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -168,6 +168,28 @@ def batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict
 
 
 @torch.no_grad()
+def mean_over(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    world: World,
+    summed: Callable[[Sequence[dict[str, Any]]], tuple[torch.Tensor, int]],
+) -> float:
+    """Mean of a summed loss over `rows` in eval mode: `summed(chunk)` gives a chunk's loss sum
+    and its count. Rows are shared out across data-parallel processes and the sums gathered;
+    sorting by length keeps padding low and does not change the result."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))[world.rank :: world.size]
+    for chunk in batches(ordered, batch_size):
+        loss, n = summed(chunk)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    total, count = world.sum(total, count)
+    return total / max(count, 1)
+
+
 def mean_loss(
     model: Any,
     rows: Sequence[dict[str, Any]],
@@ -177,21 +199,14 @@ def mean_loss(
     dtype: torch.dtype | None,
     world: World = SINGLE,
 ) -> float:
-    """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows` (shared out
-    across data-parallel processes)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    # Sorting by length keeps padding low; the result does not depend on the order.
-    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))[world.rank :: world.size]
-    for chunk in batches(ordered, batch_size):
+    """Token-weighted mean cross-entropy over the loss-bearing tokens of `rows`."""
+
+    def summed(chunk: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with autocast(device, dtype):
-            loss, n = loss_sum(model, batch)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    total, count = world.sum(total, count)
-    return total / max(count, 1)
+            return loss_sum(model, batch)
+
+    return mean_over(model, rows, batch_size, world, summed)
 
 
 def perplexity(loss: float) -> float:
