@@ -848,7 +848,3 @@ def to_example(record: Any, options: RecordOptions) -> dict[str, Any]:
             "label": _label(record["label"], dict(options.label_map)),
         }
     return {"messages": _translation(record, options)}
-
-
-def task_of(example: dict[str, Any]) -> str:
-    return "classification" if "label" in example else "chat"

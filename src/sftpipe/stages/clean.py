@@ -623,10 +623,3 @@ def _check_bad_fraction(config: DataConfig, report: CleanReport) -> None:
 def read_jsonl(path: str | Path) -> list[Any]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
-
-
-def iter_jsonl(path: str | Path) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
