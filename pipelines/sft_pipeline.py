@@ -129,6 +129,7 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
 
         evaluate_task = evaluate(
             model=finetune_task.outputs["model"],
+            train=tokenize_task.outputs["train"],
             validation=tokenize_task.outputs["validation"],
             **_inputs(evaluate, values),
             pipeline_run_id=run_id,

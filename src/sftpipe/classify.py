@@ -27,6 +27,11 @@ def label_map(path: str | Path) -> dict[str, int] | None:
     return json.loads(metadata[LABEL_MAP_KEY]) if LABEL_MAP_KEY in metadata else None
 
 
+def task_of(path: str | Path) -> str:
+    """The gate's task of a tokenized file: "classification" with a label map, else "chat"."""
+    return "classification" if label_map(path) is not None else "chat"
+
+
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -78,6 +83,32 @@ def mean_loss(
         return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(chunk)
 
     return lm.mean_over(model, rows, batch_size, world, summed)
+
+
+@torch.no_grad()
+def log_probabilities(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Class log-probabilities of every row (rows x classes, fp32, in the rows' order); rows of
+    similar length are batched together so little is padding."""
+    model.eval().to(device)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = torch.empty((len(rows), model.config.num_labels), dtype=torch.float32)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        batch = collate([rows[i] for i in chunk], pad_id)
+        with lm.autocast(device, dtype):
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits.float()
+        out[chunk] = torch.log_softmax(logits, dim=-1).cpu()
+    return out
 
 
 def check_labels(rows: Sequence[dict[str, Any]], labels: dict[str, int], where: str) -> None:

@@ -355,7 +355,9 @@ class RegisterConfig(Section):
     gate_metric: str = Field(
         "",
         description="Primary metric of the quality gate: validation_loss, perplexity, rouge_l, "
-        "chrf, bleu or eos_rate (empty: the task's own, validation_loss for chat).",
+        "chrf, bleu, eos_rate, accuracy, macro_f1, macro_precision, macro_recall or "
+        "min_class_recall (empty: the task's own, validation_loss for chat, macro_f1 for "
+        "classification).",
     )
     min_improvement: float = Field(
         0.0,
@@ -366,7 +368,7 @@ class RegisterConfig(Section):
         "",
         description="Guard metrics that must not regress, as metric:allowed_regression pairs "
         "separated by commas, e.g. eos_rate:0.05,chrf:1 (empty: the task's own, eos_rate:0.05 "
-        "for chat; none: no guards).",
+        "for chat, min_class_recall:0.05 for classification; none: no guards).",
     )
 
     @field_validator("gate_metric")

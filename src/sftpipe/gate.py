@@ -35,6 +35,12 @@ DIRECTIONS: dict[str, int] = {
     "chrf": HIGHER,
     "bleu": HIGHER,
     "eos_rate": HIGHER,
+    # classification
+    "accuracy": HIGHER,
+    "macro_f1": HIGHER,
+    "macro_precision": HIGHER,
+    "macro_recall": HIGHER,
+    "min_class_recall": HIGHER,
 }
 """Metrics a gate can use, and which way is better."""
 
@@ -54,6 +60,9 @@ TASK_DEFAULTS: dict[str, TaskGate] = {
     # Validation loss is the most reliable signal of a chat fine-tune; the EOS rate guard
     # catches models that stopped ending their turns (template or label-mask bugs).
     "chat": TaskGate(primary="validation_loss", guards="eos_rate:0.05"),
+    # Macro F1 weighs every class alike (accuracy hides a rare class); the recall guard stops
+    # a model that wins on average by giving up one class (the worst class may lose 5 points).
+    "classification": TaskGate(primary="macro_f1", guards="min_class_recall:0.05"),
 }
 
 

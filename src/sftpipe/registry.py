@@ -233,6 +233,8 @@ KEY_METRICS = (
     ("tuned_chrf", "chrF"),
     ("tuned_rouge_l", "ROUGE-L"),
     ("tuned_eos_rate", "EOS"),
+    ("tuned_accuracy", "acc"),
+    ("tuned_macro_f1", "macro F1"),
 )
 
 

@@ -8,8 +8,11 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sftpipe import storage
 
@@ -35,7 +38,7 @@ def loss_curve_png(history: Sequence[dict[str, float]]) -> bytes:
         if points:
             axes.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (per assistant token)")
+    axes.set_ylabel("loss (per assistant token or example)")
     axes.grid(alpha=0.3)
     axes.legend()
     return _png(figure)
@@ -51,6 +54,11 @@ _TABLE = (
     ("eos_rate", "{:.1%}"),
     ("mean_response_tokens", "{:.1f}"),
     ("generation_tokens_per_s", "{:.1f}"),
+    ("accuracy", "{:.1%}"),
+    ("macro_f1", "{:.4f}"),
+    ("macro_precision", "{:.4f}"),
+    ("macro_recall", "{:.4f}"),
+    ("min_class_recall", "{:.1%}"),
 )
 _LABELS = {
     "validation_loss": "validation loss (per assistant token)",
@@ -60,7 +68,12 @@ _LABELS = {
     "eos_rate": "EOS rate (answer ended within the budget)",
     "mean_response_tokens": "mean response length (tokens)",
     "generation_tokens_per_s": "generation speed (tokens/s)",
+    "macro_f1": "macro F1",
+    "min_class_recall": "worst class recall",
 }
+_PERCENT = ("eos_rate", "accuracy", "min_class_recall")
+MODELS = {"base": "base", "tuned": "tuned", "tfidf": "TF-IDF + LogReg"}
+"""Columns of the report: every model whose metrics are there (tfidf: classification only)."""
 _BARS = ("rouge_l", "chrf", "bleu", "eos_rate")
 
 
@@ -115,6 +128,124 @@ def _image(name: str, data: bytes) -> str:
     return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{encoded}'>"
 
 
+@dataclass(frozen=True)
+class Confusion:
+    """Confusion matrices (`matrix[true, predicted]`) of several classifiers on one label set."""
+
+    names: list[str]
+    matrices: dict[str, Any]  # model -> classes x classes array
+
+
+def confusion_png(confusion: Confusion) -> bytes:
+    """One heat map per model, counts in the cells, true labels down, predictions across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(confusion.matrices)
+    size = max(3.0, 0.45 * len(confusion.names) + 2.0)
+    figure, axes = plt.subplots(1, count, figsize=(size * count, size), dpi=100, squeeze=False)
+    for ax, (model, matrix) in zip(axes[0], confusion.matrices.items(), strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        ticks = range(len(confusion.names))
+        ax.set_xticks(list(ticks), confusion.names, rotation=45, ha="right")
+        ax.set_yticks(list(ticks), confusion.names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(MODELS.get(model, model))
+        peak = max(int(matrix.max()), 1)
+        for (t, q), value in np.ndenumerate(matrix):
+            colour = "white" if value > peak / 2 else "black"
+            ax.text(q, t, str(int(value)), ha="center", va="center", color=colour, fontsize=8)
+    return _png(figure)
+
+
+def classification_samples(samples: Sequence[Any], count: int) -> list[Any]:
+    """The examples worth reading first: those the models disagree on, then the rest."""
+    disputed = [s for s in samples if len(set(s.answers.values())) > 1]
+    agreed = [s for s in samples if len(set(s.answers.values())) <= 1]
+    return (disputed + agreed)[:count]
+
+
+def _metrics_table(metrics: dict[str, float], models: list[str]) -> list[str]:
+    from sftpipe.gate import DIRECTIONS
+
+    header = "".join(f"<th>{MODELS[m]}</th>" for m in models)
+    rows = [f"<table><tr><th>metric</th>{header}<th>tuned - base</th></tr>"]
+    for name, shape in _TABLE:
+        if f"tuned_{name}" not in metrics:
+            continue
+        base = metrics.get(f"base_{name}")
+        cells = []
+        for model in models:
+            value = metrics.get(f"{model}_{name}")
+            better = (
+                model == "tuned"
+                and base is not None
+                and value is not None
+                and (value - base) * DIRECTIONS.get(name, 0) > 0
+            )
+            css = ' class="num better"' if better else " class=num"
+            cells.append(f"<td{css}>{'' if value is None else shape.format(value)}</td>")
+        change = ""
+        if base is not None:
+            delta = metrics[f"tuned_{name}"] - base
+            change = f"{delta * 100:+.1f} pt" if name in _PERCENT else f"{delta:+.4g}"
+        label = _LABELS.get(name, name.replace("_", " "))
+        rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td class=num>{change}</td></tr>")
+    rows.append("</table>")
+    return rows
+
+
+def _per_class_table(metrics: dict[str, float], names: list[str], models: list[str]) -> list[str]:
+    from sftpipe.class_metrics import metric_label
+
+    header = "".join(f"<th>{MODELS[m]} P / R / F1</th>" for m in models)
+    rows = [f"<h2>Per class</h2><table><tr><th>label</th>{header}</tr>"]
+    for name in names:
+        label = metric_label(name)
+        cells = "".join(
+            "<td class=num>"
+            + " / ".join(
+                f"{metrics.get(f'{model}_{kind}.{label}', 0.0):.3f}"
+                for kind in ("precision", "recall", "f1")
+            )
+            + "</td>"
+            for model in models
+        )
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    rows.append("</table>")
+    return rows
+
+
+def _samples_table(
+    samples: Sequence[Any], models: list[str], max_new_tokens: int, classification: bool
+) -> list[str]:
+    if classification:
+        intro = "<h2>Examples</h2><p>Disagreements first; &#10007; marks a wrong label.</p>"
+        heads = ["text", "true label", *(MODELS[m] for m in models)]
+    else:
+        intro = (
+            "<h2>Sample answers (greedy)</h2><p>&#9888; marks an answer that did not end within "
+            f"the {max_new_tokens}-token budget.</p>"
+        )
+        heads = ["prompt", "reference", *(MODELS[m] for m in models)]
+    rows = [intro, "<table class=sample><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"]
+    for s in samples:
+        cells = [html.escape(s.prompt), html.escape(s.reference)]
+        for model in models:
+            answer = s.answers.get(model, "")
+            if classification:
+                flag = "" if answer == s.reference else " &#10007;"
+            else:
+                flag = "" if s.ended.get(model, True) else " &#9888;"
+            cells.append(html.escape(answer) + flag)
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    rows.append("</table>")
+    return rows
+
+
 def write_eval_report(
     path: str | Path,
     metrics: dict[str, float],
@@ -124,13 +255,14 @@ def write_eval_report(
     samples: Sequence[Any],
     plots: dict[str, bytes],
     max_new_tokens: int,
+    confusion: Confusion | None = None,
 ) -> None:
     """The evaluation as one self-contained HTML page (shown in the KFP UI, logged to MLflow):
-    the gate decision, the metrics table, the loss curve, the plots and sample answers."""
-    from sftpipe.gate import DIRECTIONS
-
+    the gate decision, the metrics table, the loss curve, the plots and sample answers (chat)
+    or per-class metrics, confusion matrices and examples (classification)."""
     verdict = "PASSED" if decision.passed else "REJECTED"
     colour = "#0a7a2f" if decision.passed else "#b00020"
+    models = [m for m in MODELS if f"{m}_accuracy" in metrics or f"{m}_validation_loss" in metrics]
     parts = [
         "<!doctype html><html><head><meta charset=utf-8><title>sftpipe evaluation</title>"
         f"<style>{_STYLE}</style></head><body><h1>Base vs tuned</h1>",
@@ -141,48 +273,34 @@ def write_eval_report(
             "</li>"
             for c in decision.checks
         ),
-        "</ul><table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>",
+        "</ul>",
+        *_metrics_table(metrics, models),
     ]
-    for name, shape in _TABLE:
-        if f"base_{name}" not in metrics:
-            continue
-        base, tuned = metrics[f"base_{name}"], metrics[f"tuned_{name}"]
-        direction = DIRECTIONS.get(name, 0)
-        better = (tuned - base) * direction > 0
-        mark = ' class="num better"' if better else ' class="num"'
-        change = f"{tuned - base:+.4g}" if name != "eos_rate" else f"{(tuned - base) * 100:+.1f} pt"
+    seconds = metrics.get("evaluation_seconds", 0.0)
+    rows = int(metrics["validation_rows"])
+    if confusion is not None:
         parts.append(
-            f"<tr><td>{_LABELS.get(name, name.replace('_', ' '))}</td>"
-            f"<td class=num>{shape.format(base)}</td><td{mark}>{shape.format(tuned)}</td>"
-            f"<td class=num>{change}</td></tr>"
+            f"<p>{rows} validation texts. Base is the base model with a fresh (untrained) "
+            "classification head; TF-IDF + LogReg is a logistic regression on character "
+            f"n-grams trained on the same training split. Evaluation took {seconds:.0f} s.</p>"
         )
-    parts += [
-        "</table>",
-        f"<p>{int(metrics['validation_rows'])} validation conversations for the loss; "
-        f"{int(metrics.get('eval_prompts', 0))} prompts answered greedily by both models, at "
-        f"most {max_new_tokens} new tokens each; evaluation took "
-        f"{metrics.get('evaluation_seconds', 0.0):.0f} s. Loss is the mean cross-entropy per "
-        "assistant token (lower is better); text scores compare answers with the references "
-        "(higher is better).</p>",
-    ]
+        parts += _per_class_table(metrics, confusion.names, models)
+    else:
+        parts.append(
+            f"<p>{rows} validation conversations for the loss; "
+            f"{int(metrics.get('eval_prompts', 0))} prompts answered greedily by both models, at "
+            f"most {max_new_tokens} new tokens each; evaluation took {seconds:.0f} s. Loss is the "
+            "mean cross-entropy per assistant token (lower is better); text scores compare "
+            "answers with the references (higher is better).</p>"
+        )
     if history:
         parts.append("<h2>Loss curve</h2>" + _image("loss curve", loss_curve_png(history)))
     if plots:
-        parts.append("<h2>Generation</h2>")
+        title = "Confusion matrices" if confusion is not None else "Generation"
+        parts.append(f"<h2>{title}</h2>")
         parts += [_image(name, data) for name, data in plots.items()]
     if samples:
-        parts.append(
-            "<h2>Sample answers (greedy)</h2><p>&#9888; marks an answer that did not end within "
-            f"the {max_new_tokens}-token budget.</p><table class=sample><tr><th>prompt</th>"
-            "<th>reference</th><th>base</th><th>tuned</th></tr>"
-        )
-        for s in samples:
-            cells = [html.escape(s.prompt), html.escape(s.reference)]
-            for model in ("base", "tuned"):
-                flag = "" if s.ended.get(model, True) else " &#9888;"
-                cells.append(html.escape(s.answers.get(model, "")) + flag)
-            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        parts.append("</table>")
+        parts += _samples_table(samples, models, max_new_tokens, confusion is not None)
     parts.append("</body></html>")
     with storage.atomic_file(path) as handle:
         handle.write("\n".join(parts))

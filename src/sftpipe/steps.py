@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sftpipe import storage, tracking
+from sftpipe import classify, storage, tracking
 from sftpipe.config import (
     FIELDS,
     DataConfig,
@@ -314,7 +314,13 @@ def _log_bytes(tracker: tracking.Tracker, artifact_file: str, data: bytes) -> No
 
 
 def evaluate(
-    params: dict[str, Any], model: Any, validation: Any, metrics: Any, report: Any
+    params: dict[str, Any],
+    model: Any,
+    train: Any,
+    validation: Any,
+    metrics: Any,
+    classification: Any,
+    report: Any,
 ) -> None:
     config, base = EvalConfig.from_values(params), ModelConfig.from_values(params)
     # Only the gate fields of the registry section are inputs here (register logs them all).
@@ -322,13 +328,18 @@ def evaluate(
     tracker = _tracker(params, config)
     result = evaluate_stage.run(
         config,
-        registry_config.gate_spec(),
+        registry_config.gate_spec(classify.task_of(validation.path)),
         base.base_model,
         model.path,
         validation.path,
         report.path,
+        train_path=train.path,
     )
     _record(metrics, tracker, "evaluate", result.metrics)
+    if result.confusion is not None:
+        # The KFP UI draws this artifact as a confusion matrix: the tuned model's.
+        matrix = result.confusion.matrices["tuned"]
+        classification.log_confusion_matrix(result.confusion.names, matrix.tolist())
     # The decision in words next to the numbers (gate_passed is 1.0 or 0.0).
     metrics.metadata["gate_decision"] = result.decision.summary()
     report.metadata.update(base_model_digest=result.base_model_digest)

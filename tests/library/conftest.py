@@ -1,7 +1,9 @@
 """Fixtures shared by the library tests."""
 
 import pytest
+from fixtures.classification import build_encoder, write_split
 from fixtures.data import tokenize_chats
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +15,19 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     ]
     folder = tmp_path_factory.mktemp("tokenized")
     return tokenize_chats(tiny_model_dir, folder, exchanges, max_length=64, validation_fraction=0.2)
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_model_dir, tmp_path_factory):
+    """A tiny random-init BERT encoder (no classification head) with the tiny tokenizer."""
+    return build_encoder(tiny_model_dir, tmp_path_factory.mktemp("encoder"))
+
+
+@pytest.fixture(scope="session")
+def splits(encoder, tmp_path_factory):
+    """Classification train (96 rows) and validation (32 rows) Parquet, 30% positive."""
+    tmp = tmp_path_factory.mktemp("cls")
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    return write_split(tmp / "train.parquet", tokenizer, 96, 1), write_split(
+        tmp / "val.parquet", tokenizer, 32, 2
+    )

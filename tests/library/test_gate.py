@@ -41,7 +41,7 @@ def test_missing_metric_and_bad_settings_are_clear():
     with pytest.raises(SftpipeError, match="base has no 'chrf' metric.*eval-prompts"):
         gate.decide(gate.GateSpec("chrf", 0, ()), {"validation_loss": 1.0}, BASE)
     for bad, message in (
-        ({"gate_metric": "accuracy"}, "unknown gate metric 'accuracy'"),
+        ({"gate_metric": "f1"}, "unknown gate metric 'f1'"),
         ({"gate_guards": "eos_rate"}, "not metric:allowed_regression"),
         ({"gate_guards": "eos_rate:-1"}, "must be >= 0"),
         ({"gate_guards": "eos_rate:x"}, "is not a number"),
@@ -53,3 +53,17 @@ def test_missing_metric_and_bad_settings_are_clear():
 def test_prefixed():
     metrics = {"base_chrf": 1.0, "tuned_chrf": 2.0, "tuned_eos_rate": 1.0, "gate_passed": 1.0}
     assert gate.prefixed(metrics, "tuned") == {"chrf": 2.0, "eos_rate": 1.0}
+
+
+def test_task_defaults():
+    chat, classification = (RegisterConfig().gate_spec(task) for task in ("chat", "classification"))
+    assert chat.metrics == ("validation_loss", "eos_rate") and chat.needs_generation
+    assert classification.metrics == ("macro_f1", "min_class_recall")
+    assert not classification.needs_generation
+    # A classifier that wins on average by giving up its rare class is refused.
+    decision = gate.decide(
+        classification,
+        {"macro_f1": 0.50, "min_class_recall": 0.40},
+        {"macro_f1": 0.60, "min_class_recall": 0.30},
+    )
+    assert not decision.passed and "min_class_recall 0.4 -> 0.3" in decision.summary()

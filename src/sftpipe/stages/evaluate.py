@@ -1,4 +1,5 @@
-"""evaluate: the base model against the tuned model on the same validation set.
+"""evaluate: the base model against the tuned model on the same validation set (chat data here;
+classification in `evaluate_classifier`).
 
 Every model is scored the same way (`score`), here for base and tuned and in register for the
 current champion:
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import gate, lm, models, report
+from sftpipe import classify, gate, lm, models, report
 from sftpipe.config import EvalConfig
 from sftpipe.progress import Progress, format_duration
 from sftpipe.stages.finetune import TRAINING_LOG
@@ -88,6 +89,7 @@ class EvalResult:
     decision: gate.Decision
     base_model_digest: str
     plots: dict[str, bytes]
+    confusion: report.Confusion | None = None  # classification only
 
 
 def load_eval_set(validation_path: str | Path, eval_prompts: int) -> EvalSet:
@@ -297,7 +299,17 @@ def run(
     tuned_model_dir: str | Path,
     validation_path: str | Path,
     report_path: str | Path,
+    train_path: str | Path | None = None,
 ) -> EvalResult:
+    """Base vs tuned on the validation set, then the gate; classification data (a label map in
+    the Parquet metadata) goes to `evaluate_classifier`, which also trains the TF-IDF baseline
+    on `train_path`."""
+    if classify.label_map(validation_path) is not None:
+        from sftpipe.stages import evaluate_classifier
+
+        return evaluate_classifier.run(
+            config, spec, base_model, tuned_model_dir, train_path, validation_path, report_path
+        )
     start = time.perf_counter()
     device = lm.default_device()
     dtype = lm.autocast_dtype("auto", device)

@@ -3,9 +3,11 @@
 1. The gate (`sftpipe.gate`) is applied again to the evaluation metrics: tuned vs base on the
    primary metric with a margin, no guard metric regressing beyond its allowance. A refused
    model is not registered; the MLflow run's `sftpipe.gate` tag says why.
-2. A passing model is logged with `mlflow.transformers.log_model` as an `llm/v1/chat` model
-   (OpenAI-style chat signature, an input example, explicit pip requirements, a greedy
-   generation budget) and registered as a new version of `model_name`, created with its tags:
+2. A passing model is logged with `mlflow.transformers.log_model`: a chat model as
+   `llm/v1/chat` (OpenAI-style chat signature, an input example, explicit pip requirements, a
+   greedy generation budget), a classifier as `text-classification` (pyfunc `predict` on a
+   DataFrame or list of texts returns each text's `label` and `score`); then registered as a
+   new version of `model_name`, created with its tags:
    lineage (pipeline run, data and base-model digests, config digest, code version), the gate
    decision and the metrics; its description carries the metrics table.
 3. The new version gets the alias `challenger`. It takes `champion` only if it beats the
@@ -20,20 +22,23 @@ backoff (`sftpipe.registry.retrying`) and end in one clear line.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftpipe import gate, lm, models, registry
+from sftpipe import classify, gate, lm, models, registry
 from sftpipe.config import EvalConfig, RegisterConfig
-from sftpipe.stages import evaluate
+from sftpipe.stages import evaluate, evaluate_classifier
+from sftpipe.stages.tokenize import read_parquet
 from sftpipe.tracking import PIPELINE_RUN_TAG, Tracker
 
 GATE_TAG = "sftpipe.gate"
 CHAMPION_TAG = "sftpipe.champion"
 INPUT_EXAMPLE_PROMPT = "Hello! What can you do?"
+INPUT_EXAMPLE_TEXTS = ["This was great, I would buy it again.", "质量很差，不推荐。"]
 
 
 @dataclass(frozen=True)
@@ -65,56 +70,67 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _log_model(model_dir: Path, tracker: Tracker, max_new_tokens: int) -> Any:
+def _log_model(model_dir: Path, tracker: Tracker, max_new_tokens: int, task: str) -> Any:
     import mlflow
     import transformers
 
-    generator = transformers.pipeline(
-        "text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu"
-    )
-    with mlflow.start_run(run_id=tracker.run_id):
-        return mlflow.transformers.log_model(
-            transformers_model=generator,
-            name="model",
-            task="llm/v1/chat",
-            pip_requirements=pip_requirements(),
-            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
-            input_example={
+    extra: dict[str, Any]
+    if task == "classification":
+        pipeline_task = "text-classification"
+        extra = {"task": "text-classification", "input_example": INPUT_EXAMPLE_TEXTS}
+    else:
+        pipeline_task = "text-generation"
+        extra = {
+            "task": "llm/v1/chat",
+            "model_config": {"max_new_tokens": max_new_tokens, "do_sample": False},
+            "input_example": {
                 "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}],
                 "max_tokens": max_new_tokens,
             },
+        }
+    model = transformers.pipeline(
+        pipeline_task, model=str(model_dir), tokenizer=str(model_dir), device="cpu"
+    )
+    with mlflow.start_run(run_id=tracker.run_id):
+        return mlflow.transformers.log_model(
+            transformers_model=model, name="model", pip_requirements=pip_requirements(), **extra
         )
 
 
 def rescore_version(
-    client: Any,
     name: str,
     version: str,
     eval_config: EvalConfig,
     validation_path: str | Path,
     with_generation: bool,
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """A registered version's metrics on this evaluation set (its own tokenizer; the rows are
-    re-tokenized when it tokenizes them differently)."""
+    re-tokenized when it tokenizes them differently); None for a classifier of other labels,
+    which cannot be scored on this set."""
     device = lm.default_device()
     dtype = lm.autocast_dtype("auto", device)
-    eval_set = evaluate.load_eval_set(validation_path, eval_config.eval_prompts)
+    uri = f"models:/{name}/{version}"
+    labels = classify.label_map(validation_path)
     with tempfile.TemporaryDirectory(prefix="sftpipe-champion-") as tmp:
-        folder = registry.download(f"models:/{name}/{version}", Path(tmp))
-        tokenizer = models.load_tokenizer(folder, f"models:/{name}/{version}")
-        model = models.load_causal_lm(folder, f"models:/{name}/{version}")
+        folder = registry.download(uri, Path(tmp))
+        tokenizer = models.load_tokenizer(folder, uri, chat=labels is None)
+        label = f"champion v{version}"
+        if labels is not None:
+            theirs = json.loads((folder / "config.json").read_text()).get("label2id")
+            if theirs != labels:
+                return None
+            rows = evaluate_classifier.for_tokenizer(read_parquet(validation_path), tokenizer)
+            model = classify.load_model(folder, labels, uri)
+            names = evaluate_classifier.names_of(labels)
+            return evaluate_classifier.score_classifier(
+                model, tokenizer, rows, names, eval_config, device, dtype, label
+            ).metrics
+        model = models.load_causal_lm(folder, uri)
+        eval_set = evaluate.load_eval_set(validation_path, eval_config.eval_prompts)
         eval_set = evaluate.for_tokenizer(eval_set, tokenizer)
-        scores = evaluate.score(
-            model,
-            tokenizer,
-            eval_set,
-            eval_config,
-            device,
-            dtype,
-            f"champion v{version}",
-            with_generation=with_generation,
-        )
-    return scores.metrics
+        return evaluate.score(
+            model, tokenizer, eval_set, eval_config, device, dtype, label, with_generation
+        ).metrics
 
 
 def run(
@@ -126,7 +142,8 @@ def run(
     lineage: dict[str, str],
     tracker: Tracker,
 ) -> RegisterResult:
-    spec = config.gate_spec()
+    task = classify.task_of(validation_path)
+    spec = config.gate_spec(task)
     decision = gate.decide(spec, gate.prefixed(metrics, "base"), gate.prefixed(metrics, "tuned"))
     tracker.set_tags({GATE_TAG: decision.summary()})
     if not decision.passed:
@@ -134,7 +151,8 @@ def run(
         return RegisterResult(False, decision.summary())
 
     model_dir = Path(model_dir)
-    models.load_tokenizer(model_dir)  # a folder without a (chat) tokenizer fails here, in a line
+    # A folder without a (chat) tokenizer fails here, in a line.
+    models.load_tokenizer(model_dir, chat=task == "chat")
     name, client = config.model_name, tracker.client
     registry.ensure_registered_model(client, name)
 
@@ -150,7 +168,7 @@ def run(
     else:
         info = registry.retrying(
             "log the model",
-            lambda: _log_model(model_dir, tracker, eval_config.max_new_tokens),
+            lambda: _log_model(model_dir, tracker, eval_config.max_new_tokens, task),
         )
         tags = {
             **lineage,
@@ -214,8 +232,13 @@ def _champion(
         flush=True,
     )
     champion = rescore_version(
-        client, name, str(current.version), eval_config, validation_path, spec.needs_generation
+        name, str(current.version), eval_config, validation_path, spec.needs_generation
     )
+    if champion is None:
+        return False, (
+            f"champion stays v{current.version}: it classifies other labels than this run's, so "
+            "they cannot be compared; promote by hand or use another --model-name"
+        )
     challenger = gate.prefixed(metrics, "tuned")
     duel = gate.decide(
         spec, champion, challenger, f"champion v{current.version}", f"challenger v{version}"

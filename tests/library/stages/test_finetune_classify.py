@@ -2,74 +2,17 @@
 Parquet metadata) fine-tune an encoder with a fresh head."""
 
 import json
-import random
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from fixtures.classification import write_split
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sftpipe import classify
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
-from sftpipe.schemas import LABEL_MAP_KEY
 from sftpipe.stages import finetune
-
-LABELS = {"negative": 0, "positive": 1}
-WORDS = {1: ["good", "great", "love", "happy", "喜欢"], 0: ["bad", "awful", "hate", "sad", "讨厌"]}
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_model_dir, tmp_path_factory):
-    """A tiny BERT encoder (no classification head) with the tiny tokenizer."""
-    path = tmp_path_factory.mktemp("encoder")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def write_split(path, tokenizer, count, seed, label_map=LABELS):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        label = rng.random() < 0.3  # imbalanced: 30% positive
-        text = f"I {rng.choice(WORDS[int(label)])} this, it is {rng.choice(WORDS[int(label)])}."
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(
-            {
-                "id": f"{seed}-{i}",
-                "input_ids": ids,
-                "label": int(label),
-                "num_tokens": len(ids),
-                "text": text,
-            }
-        )
-    table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {LABEL_MAP_KEY: json.dumps(label_map)}
-    )
-    pq.write_table(table, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def splits(encoder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cls")
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
-    return write_split(tmp / "train.parquet", tokenizer, 96, 1), write_split(
-        tmp / "val.parquet", tokenizer, 32, 2
-    )
-
 
 def accuracy(model_dir, path):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
