@@ -42,7 +42,9 @@ def test_tfidf_baseline_learns_chinese_and_english():
     good, bad = ["很好", "喜欢", "great", "love it"], ["很差", "讨厌", "awful", "hate it"]
     train = [f"{w}，真的{w}" for w in good + bad] * 3
     labels = ([1] * 4 + [0] * 4) * 3
-    predicted = class_metrics.tfidf_baseline(train, labels, ["我很喜欢", "太差了，很差", "I love it"])
+    predicted = class_metrics.tfidf_baseline(
+        train, labels, ["我很喜欢", "太差了，很差", "I love it"]
+    )
     assert predicted.tolist() == [1, 0, 1]
 
 

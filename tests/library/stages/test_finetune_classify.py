@@ -14,6 +14,7 @@ from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.stages import finetune
 
+
 def accuracy(model_dir, path):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     rows = pq.read_table(path).to_pylist()
