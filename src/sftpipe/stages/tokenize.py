@@ -372,14 +372,15 @@ def run(
     and (with `report_path`) an HTML report, all published atomically."""
     start = time.perf_counter()
     template = chat_templates.resolve(config.chat_template)
-    model_dir = models.fetch(base_model, weights=False)
-    tokenizer = models.load_tokenizer(model_dir, base_model, template)
-    report = TokenizeReport(chat_template=tokenizer.chat_template or "")
     where = str(cleaned_path)
     first = next(_heads(cleaned_path), None)
     if first is None:
         raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
-    report.task = "classification" if first[1] is not None else "chat"
+    task = "classification" if first[1] is not None else "chat"
+    model_dir = models.fetch(base_model, weights=False)
+    # An encoder for classification has no chat template, and needs none.
+    tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=task == "chat")
+    report = TokenizeReport(chat_template=tokenizer.chat_template or "", task=task)
     sample_html = ""
     with (
         storage.atomic_file(train_path, "wb") as train_handle,

@@ -320,3 +320,22 @@ def test_classification_rows_label_map_and_stratified_split(tiny_model_dir, tmp_
         "neutral": 1,
         "pos": 2,
     }
+
+
+def test_classification_with_an_encoder_that_has_no_chat_template(tmp_path):
+    """The sentiment demo's MiniLM (a real WordPiece tokenizer without a chat template)."""
+    from sftpipe.demo_sentiment import encoder_dir
+
+    rows = [
+        {
+            "id": f"{i:032x}",
+            "group": f"{i:032x}",
+            "label": ["差", "好"][i % 2],
+            "text": f"第{i}本书很好",
+        }
+        for i in range(10)
+    ]
+    report = run(tmp_path, encoder_dir(), TokenizeConfig(max_length=16), rows)
+    assert report.task == "classification" and report.chat_template == ""
+    first = read_parquet(tmp_path / "train.parquet")[0]
+    assert first["input_ids"][0] == 101 and first["input_ids"][-1] == 102  # [CLS] ... [SEP]
