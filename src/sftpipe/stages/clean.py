@@ -19,7 +19,8 @@ The work is two passes, which is also how a cluster fans out (`plan_shards`, `ru
 read-ahead) into a shard folder holding the candidate rows, their exact-duplicate keys and
 MinHash signatures; pass 2 (`merge`) de-duplicates globally over all shards and writes the
 cleaned file, so sharding never changes the result. Memory stays bounded: rows stream through
-files, and only 8-byte keys and band hashes per row are held.
+files, signatures are read from their file in chunks, and only a few compact arrays per row
+are held (keys, one band's hashes, cluster roots: ~120 bytes per row at the peak).
 """
 
 from __future__ import annotations
@@ -424,8 +425,8 @@ def run_shard_json(config: DataConfig, shard: str, folder: str | Path) -> ShardS
 
 
 class _Signatures:
-    """The signatures of several shards, read as one array (copied into one file when there
-    are several shards)."""
+    """The signatures of several shards, read as one file (copied into one when there are
+    several shards)."""
 
     def __init__(self, folders: list[Path], rows: list[int], scratch: Path) -> None:
         if len(folders) == 1:
@@ -439,10 +440,51 @@ class _Signatures:
                             shutil.copyfileobj(part, out, 1 << 20)
         self.rows = sum(rows)
 
-    def array(self) -> np.ndarray:
-        if self.rows == 0:
-            return np.zeros((0, dedupe.NUM_HASHES), dtype=np.uint32)
-        return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.rows, dedupe.NUM_HASHES))
+    def file(self) -> dedupe.SignatureFile:
+        return dedupe.SignatureFile(self.path, self.rows)
+
+
+class _Roots:
+    """Where the rows that others point to (cluster roots) start in the shard files, noted
+    as the merge pass goes by them (a root always comes before its duplicates), so that a
+    duplicate can name its root's id and source by reading that one line again. Memory: the
+    sorted root indices and their (shard, offset), 20 bytes per root, instead of the rows."""
+
+    def __init__(self, root: np.ndarray, folders: list[Path]) -> None:
+        self.rows = np.unique(root[root != np.arange(root.size)])
+        self.shard = np.zeros(self.rows.size, dtype=np.int32)
+        self.offset = np.zeros(self.rows.size, dtype=np.int64)
+        self.folders = folders
+        self.handles: dict[int, Any] = {}
+        self.seen = 0
+        self.next = int(self.rows[0]) if self.rows.size else -1
+        # Popular roots (many duplicates) are read once.
+        self.id_and_source = functools.lru_cache(maxsize=4096)(self._read)
+
+    def passing(self, row: int, shard: int, offset: int) -> None:
+        """Row `row` starts at byte `offset` of shard `shard` (called for every row, in order)."""
+        if row != self.next:
+            return
+        self.shard[self.seen], self.offset[self.seen] = shard, offset
+        self.seen += 1
+        self.next = int(self.rows[self.seen]) if self.seen < self.rows.size else -1
+
+    def _read(self, row: int) -> tuple[str, str]:
+        at = int(np.searchsorted(self.rows, row))
+        shard = int(self.shard[at])
+        if shard not in self.handles:
+            self.handles[shard] = (self.folders[shard] / ROWS_FILE).open("rb")
+        handle = self.handles[shard]
+        handle.seek(int(self.offset[at]))
+        data = json.loads(handle.readline())
+        return data["id"], data["source"]
+
+    def __enter__(self) -> _Roots:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles.values():
+            handle.close()
 
 
 def merge(
@@ -480,7 +522,7 @@ def merge(
 
     with tempfile.TemporaryDirectory(prefix="sftpipe-merge-") as scratch:
         signatures = _Signatures(folders, sig_rows, Path(scratch))
-        sig = signatures.array() if config.near_duplicate_threshold > 0 else None
+        sig = signatures.file() if config.near_duplicate_threshold > 0 else None
         keys_for_dedupe = keys.copy()
         keys_for_dedupe[mixed] = np.arange(int(mixed.sum()), dtype=np.uint64) ^ np.uint64(
             0xA5A5A5A5A5A5A5A5
@@ -488,26 +530,23 @@ def merge(
         root, exact, similarity = dedupe.clusters(
             keys_for_dedupe, sig, config.near_duplicate_threshold
         )
-        del sig
-        # Rows that others point to: remember their id and source when the pass meets them.
-        referenced = set(np.unique(root[root != np.arange(root.size)]).tolist())
-        roots: dict[int, tuple[str, str]] = {}
         merge_rejects = Stats()
         with (
             storage.atomic_file(cleaned_path) as cleaned,
             storage.atomic_file(quarantine_path) as bad,
+            _Roots(root, folders) as roots,
         ):
             index = 0
-            for folder in folders:
+            for shard, folder in enumerate(folders):
                 with (folder / QUARANTINE_FILE).open(encoding="utf-8") as part:
                     shutil.copyfileobj(part, bad, 1 << 20)
-                with (folder / ROWS_FILE).open(encoding="utf-8") as rows:
-                    for line in rows:
+                offset = 0
+                with (folder / ROWS_FILE).open("rb") as rows:
+                    for raw in rows:
                         i, index = index, index + 1
-                        line = line.rstrip("\n")
-                        if i in referenced:
-                            row = json.loads(line)
-                            roots[i] = (row["id"], row["source"])
+                        roots.passing(i, shard, offset)
+                        offset += len(raw)
+                        line = raw.decode("utf-8").rstrip("\n")
                         if mixed[i]:
                             _reject_merged(
                                 bad,
@@ -520,7 +559,7 @@ def merge(
                             continue
                         r = int(root[i])
                         if r != i:
-                            group_id, group_source = roots[r]
+                            group_id, group_source = roots.id_and_source(r)
                             if config.dedupe:
                                 reason = Reason.DUPLICATE if exact[i] else Reason.NEAR_DUPLICATE
                                 how = (
