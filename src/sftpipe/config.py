@@ -33,6 +33,7 @@ RecordFormat = Literal[
     "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "classification", "translation"
 ]
 Truncation = Literal["truncate", "drop"]
+Strategy = Literal["ddp", "fsdp"]
 
 
 class Section(BaseModel):
@@ -321,6 +322,27 @@ class TrainConfig(Section):
         50, ge=1, description="Checkpoint every this many optimizer steps (and on SIGTERM)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    distributed_strategy: Strategy = Field(
+        "ddp",
+        description="With several processes: ddp replicates the model in each; fsdp shards "
+        "parameters, gradients and optimizer state across them (FSDP2, one unit per "
+        "transformer block), for models that do not fit one GPU.",
+    )
+    nproc_per_node: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Training processes per machine, launched with torchrun: one per GPU "
+        "(gloo processes on CPU); 0: one per visible GPU, one on CPU.",
+    )
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Machines to train on. Above 1, finetune submits a Kubeflow Trainer "
+        "TrainJob with that many nodes and waits for it (needs s3:// pipeline root and "
+        "checkpoint_uri).",
+    )
 
 
 class EvalConfig(Section):

@@ -65,10 +65,14 @@ def isolates_packed_samples(model: Any, device: torch.device) -> bool:
 def _projects_hidden_states_directly(model: Any) -> bool:
     """Whether logits are just lm_head(hidden): then only loss-bearing positions need the
     vocabulary projection, which is most of the compute for small models with big vocabularies.
-    Models that scale or soft-cap logits take the plain forward path."""
+    Models that scale or soft-cap logits take the plain forward path, and so do FSDP roots:
+    their own parameters (embeddings, head) are gathered only in their forward."""
+    from torch.distributed.fsdp import FSDPModule
+
     config = model.config
     return (
         model.base_model is not model
+        and not isinstance(model, FSDPModule)
         and model.get_output_embeddings() is not None
         and getattr(config, "final_logit_softcapping", None) is None
         and getattr(config, "logit_scale", None) in (None, 1.0)

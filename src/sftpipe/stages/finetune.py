@@ -15,7 +15,11 @@ Supports:
 - checkpoints every `checkpoint_every` steps and on SIGTERM, automatic resume;
 - data parallelism under torchrun (DDP; gloo on CPU, NCCL on GPU): a global window of
   micro_batch_size x gradient_accumulation_steps x processes conversations per step, so the
-  result matches one process with the same global batch.
+  result matches one process with the same global batch;
+- FSDP2 instead of DDP (`distributed_strategy=fsdp`): parameters, gradients and optimizer state
+  sharded per transformer block, bf16/fp16 parameter gathering on CUDA, full or LoRA; not with
+  qlora or compile;
+- `launch`: the same entry point under torchrun with one process per GPU of this machine.
 
 setup -> train -> export, in one readable loop.
 """
@@ -156,21 +160,52 @@ def restore(
     scheduler: Any,
     scaler: Any,
     best_file: Path,
+    main: bool = True,
 ) -> tuple[int, EarlyStopping, TrainReport]:
-    """Load a checkpoint written by `run` into the model and optimizer, and its best weights
-    into `best_file`; returns the step, the early-stopping state and the report so far."""
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    if (folder / BEST_FILE).exists():
-        shutil.copyfile(folder / BEST_FILE, best_file)
-    else:  # the checkpoint's own weights were the best
-        torch.save(model.state_dict(), best_file)
+    """Load a checkpoint written by `run` (with any strategy and number of processes) into the
+    model and optimizer, and its best weights into `best_file` on the main process; returns the
+    step, the early-stopping state and the report so far. Every process calls it."""
+    weights = torch.load(folder / "model.pt", weights_only=True)
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    distributed.load_state(model, weights, optimizer, trainer["optimizer"])
+    if main:
+        if (folder / BEST_FILE).exists():
+            shutil.copyfile(folder / BEST_FILE, best_file)
+        else:  # the checkpoint's own weights were the best
+            torch.save(weights, best_file)
+    del weights
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     torch.set_rng_state(trainer["rng"])
     state = json.loads((folder / "trainer_state.json").read_text())
     return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
+
+
+def _core(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_model(
+    config: TrainConfig,
+    model_dir: Path,
+    base_model: str,
+    labels: dict[str, int] | None,
+    device: torch.device,
+) -> Any:
+    """The model to train (or to export into): the base model for the task on `device`, with
+    gradient checkpointing and adapters as configured."""
+    if labels is None:
+        model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
+        model.config.use_cache = False
+    else:
+        model = classify.load_model(model_dir, labels, base_model)
+    model = model.to(device) if config.method != "qlora" else model
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method in ("lora", "qlora"):
+        model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
+    return model
 
 
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
@@ -213,24 +248,28 @@ def run(
     template = schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, "")
     tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=labels is None)
     lora.check_method(config, device)
-    if labels is None:
-        model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
-        model.config.use_cache = False
-    elif config.method == "qlora":
-        raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
-    else:
+    fsdp = config.distributed_strategy == "fsdp" and world.size > 1
+    if fsdp and (config.method == "qlora" or config.compile):
+        raise SftpipeError(
+            "distributed_strategy",
+            "fsdp is not supported with qlora or compile",
+            "use --distributed-strategy ddp, or --method lora without --compile",
+        )
+    if labels is not None:
+        if config.method == "qlora":
+            raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
         classify.check_labels(train_rows + validation_rows, labels, str(train_path))
-        model = classify.load_model(model_dir, labels, base_model)
-    model = model.to(device) if config.method != "qlora" else model
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.method in ("lora", "qlora"):
-        model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
+    # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
+    # has to fit one GPU whole.
+    model = load_model(
+        config, model_dir, base_model, labels, torch.device("cpu") if fsdp else device
+    )
+    if fsdp:
+        distributed.shard(_core(model), device, dtype)
     if config.compile:
         # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
         # dynamic shapes, since every micro-batch has its own width.
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core.base_model.compile(dynamic=True)
+        _core(model).base_model.compile(dynamic=True)
     check_data_fits_model(train_rows + validation_rows, model, str(train_path))
     if "position_ids" in train_rows[0] and not lm.isolates_packed_samples(model, device):
         raise SftpipeError(
@@ -244,7 +283,7 @@ def run(
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+        param_groups(distributed.sharded(model) if fsdp else model, config.weight_decay),
         lr=config.learning_rate,
         betas=(0.9, 0.95),
         eps=1e-8,
@@ -269,7 +308,7 @@ def run(
     )
     loss_module: Any = lm.TokenLoss(model) if labels is None else classify.ClassLoss(model, weights)
     loss_module.to(device)
-    if world.size > 1:
+    if world.size > 1 and not fsdp:
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
 
     report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
@@ -310,11 +349,17 @@ def run(
     # that copy alone would need as much RAM as the model).
     scratch = Path(tempfile.mkdtemp(prefix="sftpipe-finetune-"))
     best_file = scratch / BEST_FILE
+
+    def save_best() -> None:
+        full = distributed.model_state(model)  # every process gathers (FSDP)
+        if world.is_main:
+            torch.save(full, best_file)
+
     resume_dir = scratch / "resume"
     checkpoint = store.latest(resume_dir) if store else None
     if checkpoint:
         start_step, early_stopping, report = restore(
-            checkpoint, model, optimizer, scheduler, scaler, best_file
+            checkpoint, model, optimizer, scheduler, scaler, best_file, world.is_main
         )
         for _ in range(start_step):
             next(windows)  # the data position: the order is a function of the seed
@@ -322,19 +367,22 @@ def run(
     else:
         start_step = 0
         early_stopping.update(validate(0), step=0)
-        if world.is_main:
-            torch.save(model.state_dict(), best_file)
+        save_best()
     shutil.rmtree(resume_dir, ignore_errors=True)
     sigterm = _SigtermFlag()
 
     def save_checkpoint(step: int) -> None:
+        # Gathered by every process (FSDP), written by the main one.
+        full = distributed.model_state(model)
+        optimizer_state = distributed.optimizer_state(model, optimizer)
+
         def write(folder: Path) -> None:
-            torch.save(model.state_dict(), folder / "model.pt")
+            torch.save(full, folder / "model.pt")
             if early_stopping.best_step != step:
                 shutil.copyfile(best_file, folder / BEST_FILE)
             torch.save(
                 {
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
@@ -370,7 +418,13 @@ def run(
         for index, rows in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in task.collate(rows, pad_id).items()}
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or world.size == 1 else loss_module.no_sync()
+            # DDP: all-reduce on the last micro-batch only. FSDP reduce-scatters every one:
+            # skipping it would keep whole unsharded gradients, which is what FSDP avoids.
+            sync = (
+                contextlib.nullcontext()
+                if last or world.size == 1 or fsdp
+                else loss_module.no_sync()
+            )
             with sync, lm.autocast(device, dtype):
                 loss = loss_module(batch)
             with sync:
@@ -420,8 +474,8 @@ def run(
 
         if step % config.eval_every == 0 or step == total_steps:
             validation_loss = validate(step)
-            if early_stopping.update(validation_loss, step) and world.is_main:
-                torch.save(model.state_dict(), best_file)
+            if early_stopping.update(validation_loss, step):
+                save_best()
             log(
                 f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
                 f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
@@ -461,9 +515,15 @@ def run(
 
     # --- export ----------------------------------------------------------------------------
     if world.is_main:
-        model.load_state_dict(torch.load(best_file, weights_only=True))
+        # An FSDP model is sharded across the processes: export from a plain copy on the CPU.
+        final = (
+            load_model(config, model_dir, base_model, labels, torch.device("cpu"))
+            if fsdp
+            else model
+        )
+        final.load_state_dict(torch.load(best_file, weights_only=True))
         with storage.atomic_dir(output_dir) as tmp:
-            lora.save(model, tokenizer, tmp)
+            lora.save(final, tokenizer, tmp)
             (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
     shutil.rmtree(scratch, ignore_errors=True)
     world.barrier()
@@ -477,33 +537,131 @@ def run(
     return report
 
 
+def read_report(output_dir: str | Path) -> TrainReport:
+    """The report `run` exported beside the weights."""
+    return TrainReport(**json.loads((Path(output_dir) / TRAINING_LOG).read_text()))
+
+
+def processes_per_node(config: TrainConfig) -> int:
+    """Training processes for this machine: `nproc_per_node`, else one per visible GPU."""
+    return config.nproc_per_node or max(1, torch.cuda.device_count())
+
+
+def entry_args(
+    config: TrainConfig,
+    base_model: str,
+    train: str | Path,
+    validation: str | Path,
+    output: str | Path,
+    checkpoint_uri: str = "",
+    mlflow_run_id: str = "",
+) -> list[str]:
+    """The arguments of `python -m sftpipe.stages.finetune` for one training run."""
+    args = [
+        f"--base-model={base_model}",
+        f"--train={train}",
+        f"--validation={validation}",
+        f"--output={output}",
+        f"--config={config.model_dump_json()}",
+    ]
+    if checkpoint_uri:
+        args.append(f"--checkpoint-uri={checkpoint_uri}")
+    if mlflow_run_id:
+        args.append(f"--mlflow-run-id={mlflow_run_id}")
+    return args
+
+
+def launch(nproc: int, args: list[str]) -> None:
+    """Run the entry point with `args` in `nproc` processes on this machine (torchrun: NCCL on
+    GPUs, gloo on CPU). Their output streams into ours; SIGTERM is passed on, so they checkpoint
+    and stop; a failure is raised as the workers' own one-line error."""
+    import subprocess
+    import sys
+
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        f"--nproc-per-node={nproc}",
+        *("-m", "sftpipe.stages.finetune", *args),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread
+        previous = None
+    error = ""
+    try:
+        for line in process.stdout or ():
+            print(line, end="", flush=True)
+            if not error and line.startswith(ERROR_PREFIX):
+                error = line.removeprefix(ERROR_PREFIX).strip()
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise SftpipeError(
+            f"torchrun ({nproc} processes)", error or f"exited with code {code}", "see the log"
+        )
+
+
+ERROR_PREFIX = "ERROR [finetune] "
+
+
+def _local_file(uri: str, path: Path) -> Path:
+    """`uri` itself, or for s3:// a local copy at `path` (a Trainer job's nodes read the
+    Parquet splits from the object store)."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    with storage.open_binary(uri) as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m sftpipe.stages.finetune`: the training entry point outside KFP (a restarted
-    pod, a Trainer job, the preemption tests)."""
+    pod, torchrun processes, a Trainer job's nodes, the preemption tests). The data and the
+    output may be s3:// URIs (a Trainer job's nodes share no disk with the pipeline)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m sftpipe.stages.finetune")
     parser.add_argument("--base-model", required=True)
-    parser.add_argument("--train", required=True, type=Path)
-    parser.add_argument("--validation", required=True, type=Path)
-    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--validation", required=True)
+    parser.add_argument("--output", required=True)
     parser.add_argument("--checkpoint-uri", default="")
     parser.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
+    parser.add_argument("--mlflow-run-id", default="", help="log into this MLflow run")
     args = parser.parse_args(argv)
+    local = Path(tempfile.mkdtemp(prefix="sftpipe-entry-"))
     try:
         config = TrainConfig.from_values(json.loads(args.config), where="--config")
+        tracker = None
+        if args.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            from sftpipe.tracking import Tracker
+
+            tracker = Tracker(MlflowClient(), args.mlflow_run_id, "")
+        output = local / "model" if storage.is_s3(args.output) else Path(args.output)
         run(
             config,
             args.base_model,
-            args.train,
-            args.validation,
-            args.output,
+            _local_file(args.train, local / "train.parquet"),
+            _local_file(args.validation, local / "validation.parquet"),
+            output,
+            tracker,
             checkpoint_uri=args.checkpoint_uri,
         )
+        if output.exists() and output != Path(args.output):  # the main process exported it
+            storage.upload_dir(output, args.output)
     except SftpipeError as exc:
-        print(f"ERROR [finetune] {exc}", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
     return 0
 
 
