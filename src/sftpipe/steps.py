@@ -271,9 +271,10 @@ def tokenize(
         if config.packing and result.task == "chat"
         else ""
     )
+    trained = f" ({result.loss_tokens} trained)" if result.task == "chat" else ""
     print(
         f"[tokenize] {result.train_rows} train / {result.validation_rows} validation rows "
-        f"({result.task}){packed}, {result.tokens} tokens ({result.loss_tokens} trained), "
+        f"({result.task}){packed}, {result.tokens} tokens{trained}, "
         f"{result.truncated_rows} truncated",
         flush=True,
     )
@@ -283,18 +284,12 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
     config, base = TrainConfig.from_values(params), ModelConfig.from_values(params)
     tracker = _tracker(params, config, base)
     _log_upstream(tracker, train)
-    # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
-    checkpoints = (
-        f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
-    )
     tracker.log_dataset("train", train.uri, train.metadata.get("digest", ""), "training")
     tracker.log_dataset(
         "validation", validation.uri, validation.metadata.get("digest", ""), "validation"
     )
     with tracker.system_metrics():
-        report = finetune_stage.run(
-            config, base.base_model, train.path, validation.path, model.path, tracker, checkpoints
-        )
+        report = _train(params, config, base.base_model, train, validation, model, tracker)
     model.metadata.update(
         base_model=base.base_model, best_step=report.best_step, framework="transformers"
     )
@@ -302,6 +297,46 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
     from sftpipe.report import loss_curve_png
 
     _log_bytes(tracker, "plots/loss_curve.png", loss_curve_png(report.history))
+
+
+def _train(
+    params: dict[str, Any],
+    config: TrainConfig,
+    base_model: str,
+    train: Any,
+    validation: Any,
+    model: Any,
+    tracker: tracking.Tracker,
+) -> Any:
+    """Fine-tune into `model.path`: in this process; under torchrun with one process per GPU
+    of this pod; or, with num_nodes > 1, as a Kubeflow Trainer job across machines."""
+    # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
+    checkpoints = (
+        f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
+    )
+    if config.num_nodes > 1:
+        from sftpipe import trainjob
+
+        return trainjob.train(
+            config,
+            base_model,
+            train.uri,
+            validation.uri,
+            model.path,
+            checkpoints,
+            run_key(params),
+            tracker.run_id,
+        )
+    processes = finetune_stage.processes_per_node(config)
+    if processes > 1:
+        args = finetune_stage.entry_args(
+            config, base_model, train.path, validation.path, model.path, checkpoints, tracker.run_id
+        )
+        finetune_stage.launch(processes, args)
+        return finetune_stage.read_report(model.path)
+    return finetune_stage.run(
+        config, base_model, train.path, validation.path, model.path, tracker, checkpoints
+    )
 
 
 def _log_bytes(tracker: tracking.Tracker, artifact_file: str, data: bytes) -> None:
