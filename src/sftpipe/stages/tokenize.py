@@ -52,7 +52,10 @@ from sftpipe.schemas import (
 
 IGNORE_INDEX = -100
 _BATCH = 512
-_ROW_GROUP = 4096
+# A row group is written when it has this many rows or tokens, whichever comes first: the
+# token bound keeps the buffer (12 bytes a token in packed rows, copied once more when written)
+# near 25 MB whatever max_length is.
+_ROW_GROUP_ROWS, _ROW_GROUP_TOKENS = 4096, 1 << 20
 
 __all__ = ["assistant_spans", "render"]  # re-exported: evaluate and chat render with them
 
@@ -254,7 +257,8 @@ def classification_schema(metadata: dict[str, str]) -> Any:
 
 
 class _ParquetOut:
-    """Rows appended as dicts of column values, written in row groups of `_ROW_GROUP`."""
+    """Rows appended as dicts of column values, written in row groups of at most
+    `_ROW_GROUP_ROWS` rows and about `_ROW_GROUP_TOKENS` tokens."""
 
     def __init__(self, handle: Any, schema: Any) -> None:
         import pyarrow.parquet as pq
@@ -263,12 +267,14 @@ class _ParquetOut:
         self.writer = pq.ParquetWriter(handle, schema)
         self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self.rows = 0
+        self.buffered_tokens = 0
 
     def add(self, row: dict[str, Any]) -> None:
         for name, values in self.columns.items():
             values.append(row[name])
         self.rows += 1
-        if len(self.columns["id"]) >= _ROW_GROUP:
+        self.buffered_tokens += row["num_tokens"]
+        if len(self.columns["id"]) >= _ROW_GROUP_ROWS or self.buffered_tokens >= _ROW_GROUP_TOKENS:
             self.flush()
 
     def flush(self) -> None:
@@ -289,6 +295,7 @@ class _ParquetOut:
                 arrays.append(pa.array(values, type=kind))
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
         self.columns = {name: [] for name in self.schema.names}
+        self.buffered_tokens = 0
 
     def close(self) -> None:
         self.flush()
