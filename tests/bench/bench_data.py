@@ -9,7 +9,9 @@
 3. Loss masks: 500 sampled conversations tokenized by both must have identical input_ids and
    labels.
 4. Packing efficiency (non-pad fraction at max_length) of the packed train file vs unpacked.
-5. Peak RSS of clean + tokenize (all processes) on a ~2 GB JSONL file.
+5. Peak RSS of clean + tokenize on a ~2 GB JSONL file, in a fresh process: the largest
+   process (main or worker, by the kernel's ru_maxrss), per stage (sampled), and the peak sum
+   of PSS over all processes (what they use together, shared pages counted once).
 
 Usage: python tests/bench/bench_data.py [--conversations N] [--rss-gb G] [--skip-trl]
 """
@@ -169,13 +171,15 @@ def tokenizer_dir(work: Path) -> Path:
     return target
 
 
-def run_sftpipe(data: Path, model: Path, out: Path) -> dict:
+def run_sftpipe(data: Path, model: Path, out: Path, on_stage=lambda stage: None) -> dict:
     from sftpipe.config import DataConfig, TokenizeConfig
     from sftpipe.stages import clean, tokenize
 
     start = time.perf_counter()
+    on_stage("clean")
     cleaned = clean.run(DataConfig(data_uri=str(data)), out / "c.jsonl", out / "q.jsonl")
     middle = time.perf_counter()
+    on_stage("tokenize")
     tokenized = tokenize.run(
         TokenizeConfig(max_length=MAX_LENGTH),
         str(model),
@@ -267,16 +271,72 @@ def compare_masks(model: Path, prepared, count: int = 500) -> int:
     return differ
 
 
-def peak_rss(data: Path, model: Path, out: Path) -> float:
-    """Peak RSS (GB) of clean + tokenize, run in a child process (workers included)."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += _tree(int(child))
+    return found
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in kB; PSS splits shared pages (forked workers share most of
+    their parent's) between the processes that share them, so PSS adds up across processes."""
+    try:
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+        )
+    except OSError:  # the process just ended
+        return 0, 0
+    return int(fields["Rss"].split()[0]), int(fields["Pss"].split()[0])
+
+
+def measure_memory(data: Path, model: Path, out: Path) -> dict:
+    """clean + tokenize on `data` in this process, sampling memory every 0.2 s: per stage the
+    largest single process's RSS (this one or a worker) and the peak sum of PSS over the
+    process tree; plus the kernel's exact ru_maxrss of this process and of its workers."""
+    import threading
+
+    stage = ["start"]
+    peaks: dict[str, dict[str, float]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            sizes = [_memory_kb(pid) for pid in _tree(os.getpid())]
+            peak = peaks.setdefault(stage[0], {"max_rss_gb": 0.0, "pss_sum_gb": 0.0})
+            peak["max_rss_gb"] = max(peak["max_rss_gb"], max(r for r, _ in sizes) / 1024**2)
+            peak["pss_sum_gb"] = max(peak["pss_sum_gb"], sum(p for _, p in sizes) / 1024**2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = run_sftpipe(data, model, out, on_stage=lambda name: stage.__setitem__(0, name))
+    done.set()
+    sampler.join()
+    return result | {
+        "stages": peaks,
+        "ru_maxrss_main_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "ru_maxrss_workers_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2,
+    }
+
+
+def peak_rss(data: Path, model: Path, out: Path) -> dict:
+    """`measure_memory` in a fresh child process: the parent's own RUSAGE_CHILDREN would also
+    count every earlier child (TRL's dataset workers, the first run's workers)."""
     here = str(Path(__file__).parent)
     code = (
-        f"import sys; sys.path.insert(0, {here!r}); from bench_data import run_sftpipe; "
-        f"from pathlib import Path; run_sftpipe(Path({str(data)!r}), Path({str(model)!r}), "
-        f"Path({str(out)!r}))"
+        f"import sys, json; sys.path.insert(0, {here!r}); from bench_data import measure_memory; "
+        f"from pathlib import Path; print(json.dumps(measure_memory(Path({str(data)!r}), "
+        f"Path({str(model)!r}), Path({str(out)!r}))))"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -332,22 +392,39 @@ def main() -> None:
     )
     if args.rss_gb > 0:
         big = work / "big.jsonl"
-        per_file = data.stat().st_size
-        with big.open("wb") as out:
-            copies = 0
-            while out.tell() < args.rss_gb * 1e9:
-                generate(work / "part.jsonl", args.conversations, seed=copies + 1)
-                out.write((work / "part.jsonl").read_bytes())
-                copies += 1
-        (work / "part.jsonl").unlink()
-        rss = peak_rss(big, model, work / "rss")
-        result |= {"rss_input_gb": big.stat().st_size / 1e9, "peak_rss_gb": rss}
+        if not big.exists() or big.stat().st_size < args.rss_gb * 1e9:  # reused with --workdir
+            with big.open("wb") as out:
+                copies = 0
+                while out.tell() < args.rss_gb * 1e9:
+                    generate(work / "part.jsonl", args.conversations, seed=copies + 1)
+                    out.write((work / "part.jsonl").read_bytes())
+                    copies += 1
+            (work / "part.jsonl").unlink()
+        size_gb = big.stat().st_size / 1e9
+        print(f"[bench-data] measuring memory on a {size_gb:.2f} GB JSONL", flush=True)
+        memory = peak_rss(big, model, work / "rss")
+        peak = max(memory["ru_maxrss_main_gb"], memory["ru_maxrss_workers_gb"])
+        pss = max(stage["pss_sum_gb"] for stage in memory["stages"].values())
+        result |= {
+            "rss_input_gb": size_gb,
+            "peak_rss_gb": peak,
+            "peak_pss_sum_gb": pss,
+            "rss_run": memory,
+        }
+        stages = ", ".join(
+            f"{name} {stage['max_rss_gb']:.2f} GB"
+            for name, stage in memory["stages"].items()
+            if name in ("clean", "tokenize")
+        )
         print(
-            f"[bench-data] peak RSS {rss:.2f} GB on a {big.stat().st_size / 1e9:.2f} GB JSONL "
-            f"(clean + tokenize, workers included; goal < 1.5 GB)",
+            f"[bench-data] peak RSS {peak:.2f} GB on a {size_gb:.2f} GB JSONL (the largest "
+            f"process of clean + tokenize, workers included; goal < 1.5 GB; by stage: "
+            f"{stages}); all processes together {pss:.2f} GB (peak sum of PSS); "
+            f"{memory['rows_in']:,} conversations in {memory['seconds']:.0f} s (clean "
+            f"{memory['clean_s']:.0f} s + tokenize {memory['tokenize_s']:.0f} s): "
+            f"{memory['rows_in'] / memory['seconds']:,.0f} conversations/s",
             flush=True,
         )
-        del per_file
     (work / "bench-data.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
