@@ -19,6 +19,7 @@ from typing import Any, Literal
 from kfp import kubernetes
 
 from sftpipe.tracking import RUN_ID_ENV
+from sftpipe.trainjob import SETTINGS_ENV, NodeSettings
 
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
@@ -115,6 +116,49 @@ class ClusterOptions:
         return (GPU_TOLERATION,) if self.gpu else ()
 
 
+def trainjob_settings(options: ClusterOptions) -> NodeSettings:
+    """What each node of a Kubeflow Trainer job (finetune with num_nodes > 1) gets: the finetune
+    step's image, accelerator, CPU and memory, its Secret/ConfigMap env (by reference, so no
+    value is copied into the TrainJob), node selector and tolerations."""
+    from sftpipe.components.images import CPU_IMAGE, CUDA_IMAGE
+
+    resources: dict[str, Any] = {}
+    if options.gpu:
+        resources[options.accelerator_type] = options.accelerator_count
+    if "finetune" in options.cpu_requests:
+        resources["cpu"] = options.cpu_requests["finetune"]
+    if "finetune" in options.memory_requests:
+        resources["memory"] = options.memory_requests["finetune"]
+
+    def ref(kind: str, name: str, keys: Any, optional: bool = False) -> list[dict[str, Any]]:
+        source = {"name": name, "optional": True} if optional else {"name": name}
+        return [{"name": env, "valueFrom": {kind: source | {"key": key}}} for env, key in keys]
+
+    env: list[dict[str, Any]] = []
+    if options.s3_secret:
+        env += ref("secretKeyRef", options.s3_secret, S3_SECRET_KEYS.items())
+    if options.env_config_map:
+        cm = options.env_config_map
+        env += ref("configMapKeyRef", cm, [(k, k) for k in ENV_REQUIRED_KEYS])
+        env += ref("configMapKeyRef", cm, [(k, k) for k in ENV_OPTIONAL_KEYS], optional=True)
+    if options.mlflow_secret:
+        keys = [(k, k) for k in MLFLOW_SECRET_KEYS]
+        env += ref("secretKeyRef", options.mlflow_secret, keys, optional=True)
+    tolerations = [
+        {"key": t.key, "operator": "Equal" if t.value else "Exists"}
+        | ({"value": t.value} if t.value else {})
+        | ({"effect": t.effect} if t.effect else {})
+        for t in options.finetune_tolerations
+    ]
+    return NodeSettings(
+        image=CUDA_IMAGE if options.gpu else CPU_IMAGE,
+        resources=resources,
+        env=env,
+        node_selector=dict(options.node_selector),
+        tolerations=tolerations,
+    )
+
+
 def apply(task: Any, step: str, options: ClusterOptions) -> None:
     """Give one pipeline task its cluster settings."""
     # The MLflow run key of every step (sftpipe.steps.RUN_ID_ENV): the run id label KFP puts on
@@ -148,6 +192,8 @@ def apply(task: Any, step: str, options: ClusterOptions) -> None:
         task.set_memory_request(options.memory_requests[step])
     if step != "finetune":
         return
+    # Read only with num_nodes > 1, when finetune submits a Kubeflow Trainer job.
+    task.set_env_variable(SETTINGS_ENV, trainjob_settings(options).to_json())
     if options.gpu:
         task.set_accelerator_type(options.accelerator_type)
         task.set_accelerator_limit(options.accelerator_count)

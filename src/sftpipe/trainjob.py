@@ -1,0 +1,227 @@
+"""Fine-tuning across machines: a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1).
+
+With `num_nodes > 1` the finetune step does not train itself. Through the `kubeflow` SDK
+(TrainerClient, Kubernetes backend) it submits a TrainJob that runs the same entry point,
+`torchrun -m sftpipe.stages.finetune ...`, on `num_nodes` pods of the `torch-distributed`
+ClusterTrainingRuntime (the Trainer's torch plugin hands torchrun the node count, node rank,
+processes per node and master address in PET_* variables), waits for Complete or Failed,
+prints node 0's log, and copies the model the job exported into the step's output.
+
+Supported: the finetune component's image, resources per node (the finetune step's accelerator,
+CPU and memory requests), the S3 and MLflow settings of the pipeline's pods (the same Secret and
+ConfigMap, by reference), node selector and tolerations; a retried step re-attaches to its
+running job, or resubmits a failed one, which resumes from the checkpoints.
+The nodes share no disk with the pipeline, so the data, the checkpoints and the model travel
+through the object store: the pipeline root and `checkpoint_uri` must be s3:// (minio://, KFP's
+name for its own store, is read as s3://). The step's service account needs RBAC to create,
+get and delete trainjobs and to read pods and their logs.
+Not supported: other runtimes, initializers, elastic training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sftpipe import storage
+from sftpipe.config import TrainConfig
+from sftpipe.errors import SftpipeError
+
+if TYPE_CHECKING:  # torch: not needed to compile a pipeline with NodeSettings
+    from sftpipe.stages.finetune import TrainReport
+
+SETTINGS_ENV = "SFTPIPE_TRAINJOB"  # NodeSettings as JSON, set on the finetune task at compile
+RUNTIME = "torch-distributed"
+CONTAINER = "node"  # the trainer container of the torch runtime's "node" replicated job
+COMPLETE, FAILED = "Complete", "Failed"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What each node of the job gets; fixed when the pipeline is compiled
+    (`pipelines/cluster.py`) and handed to the finetune step in SFTPIPE_TRAINJOB."""
+
+    image: str
+    resources: dict[str, Any] = field(default_factory=dict)  # e.g. {"nvidia.com/gpu": 8}
+    env: list[dict[str, Any]] = field(default_factory=list)  # Kubernetes EnvVars (valueFrom)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    namespace: str = ""  # "": the step's own namespace
+    timeout_s: int = 7 * 24 * 3600
+    poll_s: int = 30
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env(cls) -> NodeSettings:
+        text = os.environ.get(SETTINGS_ENV, "")
+        if not text:
+            raise SftpipeError(
+                "num_nodes",
+                f"{SETTINGS_ENV} is not set, so the nodes' image and resources are unknown",
+                "compile the pipeline with `sftpipe compile` (num_nodes > 1 needs a cluster)",
+            )
+        return cls(**json.loads(text))
+
+
+def s3_uri(uri: str, what: str) -> str:
+    """`uri` as an s3:// URI the job's nodes can read; anything else is refused."""
+    if uri.startswith("minio://"):
+        return "s3://" + uri.removeprefix("minio://")
+    if not storage.is_s3(uri):
+        raise SftpipeError(
+            what,
+            f"{uri or 'empty'}: a TrainJob's nodes share no disk with the pipeline, so this "
+            "must be on S3-compatible object storage",
+            "use an s3:// pipeline root and an s3:// --checkpoint-uri with num_nodes > 1",
+        )
+    return uri
+
+
+def job_name(run_key: str) -> str:
+    """A name fixed by the pipeline run, so a retried step finds its own job."""
+    return "sftpipe-" + hashlib.sha256(run_key.encode()).hexdigest()[:12]
+
+
+def _trainer_and_options(
+    settings: NodeSettings, num_nodes: int, name: str, args: list[str]
+) -> tuple[Any, list[Any]]:
+    """The SDK objects that make up the TrainJob: a CustomTrainerContainer and options."""
+    from kubeflow.trainer import CustomTrainerContainer
+    from kubeflow.trainer import options as opt
+
+    trainer = CustomTrainerContainer(
+        image=settings.image,
+        num_nodes=num_nodes,
+        # Quantities as strings: the SDK would send the number 2 as 2.0.
+        resources_per_node={k: str(v) for k, v in settings.resources.items()} or None,
+    )
+    pod = opt.PodSpecPatch(
+        containers=[opt.ContainerPatch(name=CONTAINER, env=settings.env)] if settings.env else None,
+        node_selector=settings.node_selector or None,
+        tolerations=settings.tolerations or None,
+    )
+    node = opt.ReplicatedJobPatch(
+        name=CONTAINER,
+        template=opt.JobTemplatePatch(
+            spec=opt.JobSpecPatch(template=opt.PodTemplatePatch(spec=pod))
+        ),
+    )
+    patch = opt.RuntimePatch(
+        training_runtime_spec=opt.TrainingRuntimeSpecPatch(
+            template=opt.JobSetTemplatePatch(spec=opt.JobSetSpecPatch(replicated_jobs=[node]))
+        )
+    )
+    options = [
+        opt.Name(name),
+        opt.Labels({"app.kubernetes.io/part-of": "sftpipe"}),
+        # torchrun reads --nnodes, --node-rank, --nproc-per-node and the master from PET_*.
+        opt.TrainerCommand(["torchrun"]),
+        opt.TrainerArgs(["-m", "sftpipe.stages.finetune", *args]),
+        patch,
+    ]
+    return trainer, options
+
+
+def train(
+    config: TrainConfig,
+    base_model: str,
+    train_uri: str,
+    validation_uri: str,
+    output_dir: str | Path,
+    checkpoint_uri: str,
+    run_key: str,
+    mlflow_run_id: str = "",
+    settings: NodeSettings | None = None,
+    backend_config: Any = None,
+) -> TrainReport:
+    """Run finetune as a TrainJob of `config.num_nodes` nodes and copy its model into
+    `output_dir`; `checkpoint_uri` is this run's own checkpoint prefix. `backend_config` is the
+    SDK's KubernetesBackendConfig (default: in-cluster or kube-config, the step's namespace)."""
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import TrainerClient
+
+    from sftpipe.stages import finetune
+
+    settings = settings or NodeSettings.from_env()
+    checkpoints = s3_uri(checkpoint_uri, "checkpoint_uri")
+    output_uri = f"{checkpoints.rstrip('/')}/model"
+    args = finetune.entry_args(
+        config,
+        base_model,
+        s3_uri(train_uri, "train data (pipeline root)"),
+        s3_uri(validation_uri, "validation data (pipeline root)"),
+        output_uri,
+        checkpoints,
+        mlflow_run_id,
+    )
+    name = job_name(run_key)
+    where = f"TrainJob {name}"
+    try:
+        client = TrainerClient(
+            backend_config or KubernetesBackendConfig(namespace=settings.namespace or None)
+        )
+        trainer, options = _trainer_and_options(settings, config.num_nodes, name, args)
+        _submit(client, name, trainer, options)
+        print(f"[finetune] {where}: {config.num_nodes} nodes of {settings.image}", flush=True)
+        seen: list[str] = []
+
+        def report_status(job: Any) -> None:
+            if not seen or seen[-1] != job.status:
+                seen.append(job.status)
+                print(f"[finetune] {where}: {job.status}", flush=True)
+
+        job = client.wait_for_job_status(
+            name,
+            {COMPLETE, FAILED},
+            timeout=settings.timeout_s,
+            polling_interval=settings.poll_s,
+            callbacks=[report_status],
+        )
+        log = list(client.get_job_logs(name))
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise SftpipeError(
+            where, f"{exc}{cause}", "check that Kubeflow Trainer is installed and the RBAC"
+        ) from None
+    for line in log[-200:]:
+        print(f"[node-0] {line}", flush=True)
+    if job.status != COMPLETE:
+        error = next((ln for ln in log if ln.startswith(finetune.ERROR_PREFIX)), "")
+        raise SftpipeError(
+            where,
+            f"failed: {error.removeprefix(finetune.ERROR_PREFIX) or 'see the node log above'}",
+            f"kubectl describe trainjob {name}; rerun the step to resume from the checkpoints",
+        )
+    _fetch(output_uri, Path(output_dir))
+    return finetune.read_report(output_dir)
+
+
+def _submit(client: Any, name: str, trainer: Any, options: list[Any]) -> None:
+    """Create the job; a job of that name from an earlier try of this step is followed if it
+    is still going, or replaced if it failed (the new one resumes from its checkpoints)."""
+    try:
+        existing = client.get_job(name)
+    except RuntimeError:  # not found (or unreadable: creating it will tell)
+        existing = None
+    if existing is not None and existing.status != FAILED:
+        print(f"[finetune] following the existing TrainJob {name}", flush=True)
+        return
+    if existing is not None:
+        client.delete_job(name)
+    client.train(runtime=RUNTIME, trainer=trainer, options=options)
+
+
+def _fetch(uri: str, dest: Path) -> None:
+    """Copy the exported model folder at `uri` into `dest`."""
+    with tempfile.TemporaryDirectory(prefix="sftpipe-model-") as tmp:
+        folder = storage.local_dir(uri, cache_root=Path(tmp))
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(folder, dest, dirs_exist_ok=True)
