@@ -339,46 +339,6 @@ def _train(
     )
 
 
-def _train(
-    params: dict[str, Any],
-    config: TrainConfig,
-    base_model: str,
-    train: Any,
-    validation: Any,
-    model: Any,
-    tracker: tracking.Tracker,
-) -> Any:
-    """Fine-tune into `model.path`: in this process; under torchrun with one process per GPU
-    of this pod; or, with num_nodes > 1, as a Kubeflow Trainer job across machines."""
-    # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
-    checkpoints = (
-        f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
-    )
-    if config.num_nodes > 1:
-        from sftpipe import trainjob
-
-        return trainjob.train(
-            config,
-            base_model,
-            train.uri,
-            validation.uri,
-            model.path,
-            checkpoints,
-            run_key(params),
-            tracker.run_id,
-        )
-    processes = finetune_stage.processes_per_node(config)
-    if processes > 1:
-        args = finetune_stage.entry_args(
-            config, base_model, train.path, validation.path, model.path, checkpoints, tracker.run_id
-        )
-        finetune_stage.launch(processes, args)
-        return finetune_stage.read_report(model.path)
-    return finetune_stage.run(
-        config, base_model, train.path, validation.path, model.path, tracker, checkpoints
-    )
-
-
 def _log_bytes(tracker: tracking.Tracker, artifact_file: str, data: bytes) -> None:
     """Log `data` to the MLflow run as `artifact_file` (folder/name)."""
     folder, _, name = artifact_file.rpartition("/")
