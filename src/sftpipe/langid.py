@@ -10,17 +10,34 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 LANGUAGES = ("zh", "ja", "ko", "en", "latin", "cyrillic", "arabic", "other")
 _SAMPLE = 2000
 
-_SCRIPTS = {
-    "zh": re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
-    "kana": re.compile("[\u3040-\u30ff]"),
-    "ko": re.compile("[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]"),
-    "latin": re.compile("[A-Za-z\u00c0-\u024f]"),
-    "cyrillic": re.compile("[\u0400-\u04ff]"),
-    "arabic": re.compile("[\u0600-\u06ff]"),
+# Letters of each script as code point ranges (first, last), counted in one vectorized pass.
+_SCRIPT_RANGES = {
+    "zh": ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)),
+    "kana": ((0x3040, 0x30FF),),
+    "ko": ((0xAC00, 0xD7AF), (0x1100, 0x11FF), (0x3130, 0x318F)),
+    "latin": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)),
+    "cyrillic": ((0x400, 0x4FF),),
+    "arabic": ((0x600, 0x6FF),),
 }
+_SCRIPT_NAMES = tuple(_SCRIPT_RANGES)
+_RANGES = sorted(
+    (first, last, index)
+    for index, ranges in enumerate(_SCRIPT_RANGES.values())
+    for first, last in ranges
+)
+# Sorted edges first_0, last_0 + 1, first_1, ...: a code point with an odd insertion index
+# (side="right") lies in range (index - 1) // 2.
+_EDGES = np.array([edge for first, last, _ in _RANGES for edge in (first, last + 1)], np.uint32)
+_SCRIPT_OF_RANGE = np.array([index for _, _, index in _RANGES], dtype=np.int64)
+# ASCII text is handled as bytes, in C: letters counted by deleting every other byte, words
+# (runs of a-z after lowering, as `_WORD` finds them) split after turning the rest into spaces.
+_NOT_ASCII_LETTER = bytes(b for b in range(128) if not chr(b).isalpha())
+_ASCII_WORD_BREAKS = bytes(b if ord("a") <= b <= ord("z") else ord(" ") for b in range(256))
 _WORD = re.compile(r"[a-z]+")
 _ENGLISH = frozenset(
     [
@@ -113,13 +130,17 @@ _ENGLISH = frozenset(
 )
 
 
+_ENGLISH_BYTES = frozenset(word.encode() for word in _ENGLISH)
+
+
 def detect(text: str) -> str:
     """One of LANGUAGES for `text` (`other` when it has no letters of a known script)."""
     sample = text[:_SAMPLE]
-    if sample.isascii():
-        counts = {"latin": len(_SCRIPTS["latin"].findall(sample))}
+    ascii_bytes = sample.encode("ascii") if sample.isascii() else None
+    if ascii_bytes is not None:
+        counts = {"latin": len(ascii_bytes.translate(None, _NOT_ASCII_LETTER))}
     else:
-        counts = {name: len(pattern.findall(sample)) for name, pattern in _SCRIPTS.items()}
+        counts = _script_counts(sample)
     total = sum(counts.values())
     if total == 0:
         return "other"
@@ -131,7 +152,21 @@ def detect(text: str) -> str:
     best = max(counts, key=lambda name: counts[name])
     if best != "latin":
         return best
-    words = _WORD.findall(sample.lower())
-    if words and sum(w in _ENGLISH for w in words) >= 0.15 * len(words):
+    if ascii_bytes is not None:
+        words = ascii_bytes.lower().translate(_ASCII_WORD_BREAKS).split()
+        english = sum(map(_ENGLISH_BYTES.__contains__, words))
+    else:
+        words = _WORD.findall(sample.lower())
+        english = sum(map(_ENGLISH.__contains__, words))
+    if words and english >= 0.15 * len(words):
         return "en"
     return "latin"
+
+
+def _script_counts(sample: str) -> dict[str, int]:
+    """Letters of each script in `sample`, in `_SCRIPT_RANGES` order (ties go to the first)."""
+    codes = np.frombuffer(sample.encode("utf-32-le"), dtype=np.uint32)
+    slot = np.searchsorted(_EDGES, codes, side="right")
+    inside = slot[(slot & 1) == 1]
+    counts = np.bincount(_SCRIPT_OF_RANGE[(inside - 1) // 2], minlength=len(_SCRIPT_NAMES))
+    return dict(zip(_SCRIPT_NAMES, counts.tolist(), strict=True))
