@@ -14,8 +14,9 @@ literal text between the contents and where each span starts and ends relative t
 then assembles conversations of that shape by string concatenation. The plan is used only when
 two different placeholder sets give the same literals (the template treats content as opaque
 text), for contents without leading/trailing whitespace or `<` (which templates sometimes
-inspect, e.g. for reasoning tags), and the first conversations of every shape are checked
-against the real Jinja rendering; any difference switches the fast path off for the run.
+inspect, e.g. for reasoning tags), and the first conversation of every shape in every batch
+is checked against the real Jinja rendering; any difference switches the fast path off for
+the rest of the batch.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ PLAIN = (
 )
 NAMED = {"chatml": CHATML, "llama3": LLAMA3, "plain": PLAIN}
 
-_VERIFY_PER_SHAPE = 2  # per shape and batch
+_VERIFY_PER_SHAPE = 1  # per shape and batch
 
 
 def resolve(value: str) -> str:
@@ -198,7 +199,7 @@ class Renderer:
         self.jinja_rows = 0
 
     def new_batch(self) -> None:
-        """Start checking afresh: the first conversations of each shape in every batch are
+        """Start checking afresh: the first conversation of each shape in every batch is
         compared with Jinja, so the result never depends on which worker got which batch."""
         self.checked.clear()
         self.fast = True

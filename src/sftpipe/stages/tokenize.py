@@ -51,7 +51,7 @@ from sftpipe.schemas import (
 )
 
 IGNORE_INDEX = -100
-_BATCH = 512
+_BATCH = 1024  # rows per worker task (fewer tasks to send, and fewer template checks)
 # A row group is written when it has this many rows or tokens, whichever comes first: the
 # token bound keeps the buffer (12 bytes a token in packed rows, copied once more when written)
 # near 25 MB whatever max_length is.
@@ -356,12 +356,16 @@ def check_end_of_turn(tokenizer: Any, stop_ids: set[int], where: str) -> str:
     return tokenizer.convert_ids_to_tokens(encoding.ids[token_ranges(encoding, spans)[0][1] - 1])
 
 
-def _quarantine(handle: Any, row: dict[str, Any], reason: Reason, detail: str) -> None:
+def _quarantine_line(row: dict[str, Any], reason: Reason, detail: str) -> str:
     raw = json.dumps(row.get("messages", row.get("text")), ensure_ascii=False)[
         : formats.RAW_PREVIEW
     ]
     entry = QuarantineRow(source=row.get("source", ""), reason=reason.value, detail=detail, raw=raw)
-    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def _quarantine(handle: Any, row: dict[str, Any], reason: Reason, detail: str) -> None:
+    handle.write(_quarantine_line(row, reason, detail))
 
 
 def run(
@@ -435,22 +439,36 @@ def run(
 
 @dataclass(frozen=True)
 class _Encoded:
-    """A tokenized conversation, or why it was rejected (`reason`)."""
+    """What the main process needs of a tokenized conversation (not the row itself: less to
+    send back from the workers), or why it was rejected (`reason`, its quarantine line)."""
 
-    row: dict[str, Any]
+    id: str
     reason: Reason | None = None
-    detail: str = ""
+    quarantine: str = ""
     input_ids: np.ndarray | None = None
     labels: np.ndarray | None = None
     full_length: int = 0
     truncated: bool = False
+    validation: bool = False
+    messages: str = ""  # JSON, for the rows that keep their messages (validation, unpacked)
 
 
 _WORKER: dict[str, Any] = {}  # the tokenizer and settings, inherited by forked workers
 
 
+def _rejected(row: dict[str, Any], reason: Reason, detail: str, full: int = 0) -> _Encoded:
+    return _Encoded(row["id"], reason, _quarantine_line(row, reason, detail), full_length=full)
+
+
+def _to_validation(group: str) -> bool:
+    """The split of a duplicate group (`_split_chat` forces a side when one would be empty)."""
+    if group in _WORKER["force_validation"]:
+        return True
+    return group not in _WORKER["force_train"] and is_validation(group, _WORKER["fraction"])
+
+
 def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
-    """Render, tokenize and label a batch of cleaned rows (in a worker process or here)."""
+    """Render, tokenize, label and split a batch of cleaned rows (in a worker or here)."""
     tokenizer, renderer = _WORKER["tokenizer"], _WORKER["renderer"]
     max_length, drop = _WORKER["max_length"], _WORKER["drop"]
     renderer.new_batch()
@@ -463,7 +481,7 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
         except SftpipeError:
             raise
         except Exception as exc:  # the template rejects this conversation
-            out[index] = _Encoded(row, Reason.TEMPLATE_ERROR, f"chat template: {exc}")
+            out[index] = _rejected(row, Reason.TEMPLATE_ERROR, f"chat template: {exc}")
             continue
         texts.append(text)
         spans.append(row_spans)
@@ -475,28 +493,28 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
         full = len(ids)
         if full > max_length:
             if drop:
-                out[index] = _Encoded(
+                out[index] = _rejected(
                     row,
                     Reason.TOO_MANY_TOKENS,
                     f"{full} tokens > max_length={max_length} (truncation=drop)",
-                    full_length=full,
+                    full,
                 )
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
         if labels.count(IGNORE_INDEX) == len(labels):
-            out[index] = _Encoded(
-                row,
-                Reason.NO_LOSS_TOKENS,
-                f"no assistant token within max_length={max_length}",
-                full_length=full,
-            )
+            detail = f"no assistant token within max_length={max_length}"
+            out[index] = _rejected(row, Reason.NO_LOSS_TOKENS, detail, full)
             continue
+        validation = _to_validation(row.get("group") or row["id"])
+        keep_messages = validation or not _WORKER["packing"]
         out[index] = _Encoded(
-            row,
+            row["id"],
             input_ids=np.asarray(ids, dtype=np.int32),
             labels=np.asarray(labels, dtype=np.int32),
             full_length=full,
             truncated=full > max_length,
+            validation=validation,
+            messages=json.dumps(row["messages"], ensure_ascii=False) if keep_messages else "",
         )
     return out  # type: ignore[return-value]
 
@@ -559,11 +577,14 @@ def _run_chat(
         renderer=chat_templates.Renderer(tokenizer),
         max_length=config.max_length,
         drop=config.truncation == "drop",
+        packing=config.packing,
+        fraction=config.validation_fraction,
+        force_validation=force_validation,
+        force_train=force_train,
     )
     batches = _line_batches(cleaned_path)
     for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
         for item in results:
-            row = item.row
             report.rows_in += 1
             if item.full_length:
                 report.token_hist[item.full_length.bit_length()] += 1
@@ -574,7 +595,7 @@ def _run_chat(
                     report.dropped_too_long += 1
                 else:
                     report.quarantined_no_loss_tokens += 1
-                _quarantine(bad, row, item.reason, item.detail)
+                bad.write(item.quarantine)
                 continue
             input_ids, labels = item.input_ids, item.labels
             assert input_ids is not None and labels is not None
@@ -584,29 +605,25 @@ def _run_chat(
             report.loss_tokens += loss_tokens
             if not sample_html:
                 sample_html = highlight_tokens(tokenizer, input_ids.tolist(), labels.tolist())
-            group = row.get("group") or row["id"]
-            to_validation = group in force_validation or (
-                group not in force_train and is_validation(group, config.validation_fraction)
-            )
             plain = {
-                "id": row["id"],
+                "id": item.id,
                 "input_ids": input_ids,
                 "labels": labels,
                 "num_tokens": len(input_ids),
                 "num_loss_tokens": loss_tokens,
             }
-            if to_validation:
+            if item.validation:
                 report.validation_rows += 1
-                plain["messages"] = json.dumps(row["messages"], ensure_ascii=False)
+                plain["messages"] = item.messages
                 validation.add(plain)
                 continue
             report.train_rows += 1
             train_tokens += len(input_ids)
             if packer is None:
-                plain["messages"] = json.dumps(row["messages"], ensure_ascii=False)
+                plain["messages"] = item.messages
                 train.add(plain)
             else:
-                write_packed(packer.add(packing.Sample(row["id"], input_ids, labels)))
+                write_packed(packer.add(packing.Sample(item.id, input_ids, labels)))
     if packer is not None:
         write_packed(packer.flush())
     train.close()
