@@ -49,6 +49,12 @@ def load(spec: str, workdir: Path = Path(".sftpipe")) -> Iterator[Loaded]:
             folder, label = registry.download(pinned, tmp), f"{spec} (version {version.version})"
         else:
             folder, label = models.fetch(spec), spec
+        if models.is_classifier(folder):
+            raise SftpipeError(
+                spec,
+                "is a text classifier, not a chat model",
+                "classify texts with mlflow.pyfunc.load_model(...).predict or mlflow models serve",
+            )
         tokenizer = models.load_tokenizer(folder, spec)
         model = models.load_causal_lm(folder, spec)
         model.eval()

@@ -39,6 +39,9 @@ PRESET: dict[str, Any] = {
     "learning_rate": 5e-5,
     "micro_batch_size": 16,
     "eval_every": 20,
+    # bf16 autocast pays off on big matrices only: a MiniLM forward (batch 8 x 64) takes 382 ms
+    # in fp32 and 675 ms under bf16 autocast on this CPU.
+    "precision": "fp32",
 }
 
 

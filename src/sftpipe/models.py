@@ -64,6 +64,17 @@ def load_tokenizer(
     return tokenizer
 
 
+def is_classifier(model_dir: Path) -> bool:
+    """Whether a model folder holds a sequence classifier (its config names such a head)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
 def load_causal_lm(model_dir: Path, uri: str = "", quantize_4bit: bool = False) -> Any:
     """The model in fp32 (autocast handles lower precision), with its weights checked; or, for
     QLoRA, NF4-quantized on the GPU and prepared for adapter training."""

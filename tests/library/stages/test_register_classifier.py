@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sftpipe import cli
 from sftpipe.config import EvalConfig, RegisterConfig, TrainConfig
 from sftpipe.stages import finetune, register
 from sftpipe.tracking import open_run
@@ -49,7 +50,7 @@ def registered(name, model_dir, validation, metrics):
 
 
 def test_classifier_registers_predicts_labels_and_keeps_a_better_champion(
-    classifier, splits, mlflow_env
+    classifier, splits, mlflow_env, capsys
 ):
     import mlflow
 
@@ -72,6 +73,12 @@ def test_classifier_registers_predicts_labels_and_keeps_a_better_champion(
     assert second.registered and not second.champion
     assert second.champion_reason.startswith("champion stays v1: rejected"), second.champion_reason
     assert "macro_f1 1 -> 0.6" in second.champion_reason
+
+    # `sftpipe chat` on a classifier says so in one line.
+    capsys.readouterr()
+    assert cli.main(["chat", "--model", f"models:/{name}@champion"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is a text classifier, not a chat model" in err
 
 
 @pytest.mark.slow
