@@ -344,7 +344,7 @@ def run(
     log(
         f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {world.size}x{device.type}, "
         f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
-        "validation conversations",
+        "validation rows",
         flush=True,
     )
     store = CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None
