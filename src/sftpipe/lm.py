@@ -109,6 +109,18 @@ class TokenLoss(torch.nn.Module):
         return loss_sum(self.model, batch)[0]
 
 
+def matmul_parameters(model: Any) -> int:
+    """Parameters that take part in a matmul per token (the N of 6·N FLOPs per token): all but
+    the input embeddings, which are a lookup, unless the output projection shares them (tied
+    embeddings, as in SmolLM2). Counting a lookup table would double an encoder's MFU."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is None or (output is not None and output.weight is embeddings.weight):
+        return total
+    return total - embeddings.weight.numel()
+
+
 def cpu_supports_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

@@ -47,3 +47,19 @@ def test_plain_rows_get_an_attention_mask_and_no_label_on_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_matmul_parameters_leave_out_an_untied_lookup_table(encoder):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    total = sum(p.numel() for p in classifier.parameters())
+    words = classifier.get_input_embeddings().weight.numel()
+    assert lm.matmul_parameters(classifier) == total - words
+    config = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    config |= dict(num_attention_heads=2, num_key_value_heads=2)
+    for tied in (True, False):
+        model = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=tied))
+        total = sum(p.numel() for p in model.parameters())
+        # Tied: the output projection is the embedding matrix, a matmul per token.
+        assert lm.matmul_parameters(model) == (total if tied else total - 64 * 16)

@@ -298,7 +298,7 @@ def run(
     # MFU: ~6 FLOPs per parameter per token for a full fine-tune (forward 2, backward 4); ~4
     # with frozen base weights (no weight gradients), against this device's measured peak.
     parameters = sum(p.numel() for p in model.parameters())
-    flops_per_token = (6 if config.method == "full" else 4) * parameters
+    flops_per_token = (6 if config.method == "full" else 4) * lm.matmul_parameters(model)
     peak_flops = lm.peak_matmul_flops(device, dtype)
     # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
