@@ -145,6 +145,8 @@ def write_tokenize_report(path: str | Path, report: Any, config: Any, sample: st
         "<h2>Counts</h2>",
         _table(("metric", "value"), rows, {1}),
     ]
+    if warning := report.unknown_token_warning():
+        parts.insert(0, f"<p style='color:#b00020'><b>Warning:</b> {_e(warning)}.</p>")
     if report.task == "chat":
         parts.append(
             f"<p>Packing efficiency (non-pad fraction if every row were padded to max_length): "

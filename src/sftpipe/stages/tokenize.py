@@ -94,6 +94,18 @@ def _hash_fraction(row_id: str) -> float:
     return int(row_id[:12], 16) / 16**12
 
 
+UNKNOWN_TOKEN_WARNING = 0.01  # warn above this fraction of unknown tokens
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The id of a real unknown token; None when the tokenizer has none, or when its "unknown"
+    token doubles as a special token (GPT-2 style byte-level BPE: <|endoftext|>), which then
+    appears in templates without meaning unrepresentable text."""
+    unknown = tokenizer.unk_token_id
+    specials = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    return None if unknown is None or unknown in specials else unknown
+
+
 @dataclass
 class TokenizeReport:
     task: str = "chat"
@@ -108,6 +120,7 @@ class TokenizeReport:
     quarantined_no_loss_tokens: int = 0
     template_errors: int = 0
     unknown_labels: int = 0
+    unknown_tokens: int = 0  # the tokenizer's unknown token ([UNK]): text it cannot represent
     packing_efficiency: float = 0.0
     unpacked_efficiency: float = 0.0
     seconds: float = 0.0
@@ -115,9 +128,25 @@ class TokenizeReport:
     token_hist: collections.Counter[int] = field(default_factory=collections.Counter)
     chat_template: str = ""
 
+    @property
+    def unknown_token_fraction(self) -> float:
+        return self.unknown_tokens / max(self.tokens, 1)
+
+    def unknown_token_warning(self) -> str:
+        """A warning when the tokenizer cannot represent much of the text, else ""."""
+        if self.unknown_token_fraction <= UNKNOWN_TOKEN_WARNING:
+            return ""
+        return (
+            f"{self.unknown_token_fraction:.1%} of the tokens are the tokenizer's unknown token: "
+            "its vocabulary does not cover this text (another script or language?); the model "
+            "sees those characters as one and the same token. Pick a base model whose "
+            "tokenizer covers the data"
+        )
+
     def metrics(self) -> dict[str, float]:
         skip = {"task", "label_map", "token_hist", "chat_template"}
         out = {k: float(v) for k, v in vars(self).items() if k not in skip}
+        out["unknown_token_fraction"] = self.unknown_token_fraction
         if self.task != "chat":
             for key in ("loss_tokens", "quarantined_no_loss_tokens", "template_errors"):
                 out.pop(key)
@@ -435,6 +464,8 @@ def run(
                 "provide more data, raise --max-length or use --truncation truncate",
             )
         report.seconds = time.perf_counter() - start
+        if warning := report.unknown_token_warning():
+            print(f"[tokenize] WARNING: {warning}", flush=True)
         if report_path is not None:
             from sftpipe.data_report import write_tokenize_report
 
@@ -588,6 +619,7 @@ def _run_chat(
         force_train=force_train,
     )
     batches = _line_batches(cleaned_path)
+    unknown = unknown_token_id(tokenizer)
     for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
         for item in results:
             report.rows_in += 1
@@ -608,6 +640,8 @@ def _run_chat(
             report.truncated_rows += item.truncated
             report.tokens += len(input_ids)
             report.loss_tokens += loss_tokens
+            if unknown is not None:
+                report.unknown_tokens += int((input_ids == unknown).sum())
             if not sample_html:
                 sample_html = highlight_tokens(tokenizer, input_ids.tolist(), labels.tolist())
             plain = {
@@ -657,6 +691,7 @@ def _run_classification(
     metadata = {LABEL_MAP_KEY: json.dumps(label_map, ensure_ascii=False)}
     train = _ParquetOut(train_handle, classification_schema(metadata))
     validation = _ParquetOut(validation_handle, classification_schema(metadata))
+    unknown = unknown_token_id(tokenizer)
     for batch in _batches(cleaned_path):
         rows = []
         for row in batch:
@@ -698,6 +733,7 @@ def _run_classification(
                 )
                 continue
             report.tokens += len(ids)
+            report.unknown_tokens += ids.count(unknown)
             out = {
                 "id": row["id"],
                 "input_ids": ids,

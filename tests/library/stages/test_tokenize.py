@@ -337,5 +337,11 @@ def test_classification_with_an_encoder_that_has_no_chat_template(tmp_path):
     ]
     report = run(tmp_path, encoder_dir(), TokenizeConfig(max_length=16), rows)
     assert report.task == "classification" and report.chat_template == ""
-    first = read_parquet(tmp_path / "train.parquet")[0]
-    assert first["input_ids"][0] == 101 and first["input_ids"][-1] == 102  # [CLS] ... [SEP]
+    written = read_parquet(tmp_path / "train.parquet") + read_parquet(tmp_path / "val.parquet")
+    assert written[0]["input_ids"][0] == 101 and written[0]["input_ids"][-1] == 102  # [CLS] [SEP]
+    # An English WordPiece vocabulary lacks some of these characters: counted, and loud.
+    unknown = sum(row["input_ids"].count(100) for row in written)  # 100: [UNK]
+    assert report.unknown_tokens == unknown > 0
+    assert report.metrics()["unknown_token_fraction"] == unknown / report.tokens
+    assert "vocabulary does not cover this text" in report.unknown_token_warning()
+    assert "Warning:" in (tmp_path / "report.html").read_text()
