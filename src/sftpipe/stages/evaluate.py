@@ -281,6 +281,12 @@ def score(
     return Scores(metrics, generations)
 
 
+def training_history(model_dir: Path) -> list[dict[str, float]]:
+    """The loss history finetune exported next to the model (empty for other models)."""
+    path = model_dir / TRAINING_LOG
+    return json.loads(path.read_text())["history"] if path.exists() else []
+
+
 def model_digest(model_dir: Path) -> str:
     """A content digest of a model folder (every file's path and bytes)."""
     digest = hashlib.sha256()
@@ -348,8 +354,7 @@ def run(
             sample.tokens[name] = generation.tokens
     metrics["evaluation_seconds"] = time.perf_counter() - start
 
-    history_file = tuned_dir / TRAINING_LOG
-    history = json.loads(history_file.read_text())["history"] if history_file.exists() else []
+    history = training_history(tuned_dir)
     plots = report.evaluation_plots(metrics, samples, config.max_new_tokens)
     report.write_eval_report(
         report_path,

@@ -15,7 +15,6 @@ gate decides tuned vs base (default: macro F1, with the worst class's recall as 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,13 @@ import torch
 from sftpipe import class_metrics, classify, gate, lm, models, report
 from sftpipe.config import EvalConfig
 from sftpipe.progress import format_duration
-from sftpipe.stages.evaluate import EvalResult, Sample, generation_dtype, model_digest
-from sftpipe.stages.finetune import TRAINING_LOG
+from sftpipe.stages.evaluate import (
+    EvalResult,
+    Sample,
+    generation_dtype,
+    model_digest,
+    training_history,
+)
 from sftpipe.stages.tokenize import read_label_map, read_parquet
 
 BASE_HEAD_SEED = 0  # the fresh head of the base model: the same floor every run
@@ -167,8 +171,7 @@ def run(
     ]
     confusion = report.Confusion(names, {name: s.confusion for name, s in scores.items()})
     plots = {"confusion_matrix.png": report.confusion_png(confusion)}
-    history_file = tuned_dir / TRAINING_LOG
-    history = json.loads(history_file.read_text())["history"] if history_file.exists() else []
+    history = training_history(tuned_dir)
     report.write_eval_report(
         report_path,
         metrics,

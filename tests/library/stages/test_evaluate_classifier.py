@@ -7,22 +7,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from sftpipe.config import EvalConfig, RegisterConfig, TrainConfig
-from sftpipe.stages import evaluate, evaluate_classifier, finetune
+from sftpipe.config import EvalConfig, RegisterConfig
+from sftpipe.stages import evaluate, evaluate_classifier
 from sftpipe.stages.tokenize import read_parquet
 
 GATE = RegisterConfig().gate_spec("classification")
 CONFIG = EvalConfig(num_samples=5, eval_batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def tuned_classifier(encoder, splits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tuned-classifier") / "model"
-    config = TrainConfig(
-        max_steps=40, learning_rate=1e-2, micro_batch_size=16, eval_every=10, precision="fp32"
-    )
-    finetune.run(config, str(encoder), *splits, out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 import io
-import json
-import os
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 from fixtures.data import tokenize_chats
@@ -183,44 +180,14 @@ def test_mlflow_models_serve_answers_chat_requests(
     tiny_model_dir, validation, mlflow_env, tmp_path
 ):
     """`mlflow models serve -m models:/NAME@champion` serves the logged chat model."""
-    import sys
-    import time
-    import urllib.request
-
-    from fixtures.servers import ServerProcess, free_port
+    from fixtures.servers import post_json, scoring_server
 
     name = f"served-{uuid.uuid4().hex[:8]}"
     result, _ = registered(name, tiny_model_dir, validation, scores(2.5))
     assert result.champion
-    port = free_port()
-    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
-    argv += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    # The scoring server execs `uvicorn` from PATH: the venv's bin, as after `activate`.
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = ServerProcess("mlflow models serve", argv, tmp_path / "serve.log", env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready():
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        start = time.monotonic()
-        server.wait_until(ready, 50, "GET /ping returns 200")
+    with scoring_server(f"models:/{name}@champion", tmp_path / "serve.log") as url:
         body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
-        request = urllib.request.Request(
-            f"{url}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            (reply,) = json.loads(response.read())  # one chat completion per request
-        assert time.monotonic() - start < 60
-    finally:
-        server.stop()
+        (reply,) = post_json(f"{url}/invocations", body)  # one chat completion per request
     assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 5
     (choice,) = reply["choices"]
     assert choice["message"]["role"] == "assistant"
