@@ -191,14 +191,9 @@ def test_tiny_model_loads_and_chats(tiny_model_dir: Path) -> None:
     assert torch.isfinite(loss) and 5.0 < loss.item() < 8.5
 
 
-def test_tiny_model_build_is_fast_and_deterministic(tmp_path: Path) -> None:
-    import transformers  # noqa: F401 - import time is not build time
-
-    start = time.perf_counter()
+def test_tiny_model_build_is_deterministic(tmp_path: Path) -> None:
     first = build_tiny_chat_model(tmp_path / "a")
-    elapsed = time.perf_counter() - start
     second = build_tiny_chat_model(tmp_path / "b")
-    assert elapsed < 5.0
 
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -15,7 +15,6 @@ import io
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,13 +254,12 @@ def test_wait_gives_up_after_the_timeout(stub, package, capsys):
     assert "still RUNNING after 0 s" in one_line_error(capsys)
 
 
-def test_unreachable_endpoint_is_a_quick_one_line_error(package, capsys):
+def test_unreachable_endpoint_is_a_one_line_error(package, capsys):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    start = time.monotonic()
     code = cli.main(["submit", "--host", f"http://127.0.0.1:{port}", "--package", str(package)])
-    assert code == 2 and time.monotonic() - start < 10
+    assert code == 2
     err = one_line_error(capsys)
     assert err.startswith(f"sftpipe: error: http://127.0.0.1:{port}: cannot reach the KFP API (")
     assert "kubectl port-forward" in err
