@@ -13,9 +13,11 @@ per job into which it pip-installs torch before anything runs.
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from fixtures.kubernetes_api import FakeKubernetes
 from fixtures.servers import free_port
 from kubeflow.common.types import KubernetesBackendConfig
@@ -110,6 +112,35 @@ def test_spec_failure_and_resubmission():
     assert node["name"] == "node" and pod["nodeSelector"] == {"pool": "gpu"}
     assert pod["tolerations"] == SETTINGS.tolerations
     assert pod["containers"] == [{"name": "node", "env": SETTINGS.env}]
+    assert_rbac_allows(fake.requests)
+
+
+RBAC = Path(__file__).parents[2] / "docker" / "k8s" / "kfp-env" / "trainjob-rbac.yaml"
+VERBS = {"GET": "get", "POST": "create", "DELETE": "delete"}
+
+
+def assert_rbac_allows(requests):
+    """Every Kubernetes API call the step made is granted by docker/k8s's RBAC manifest."""
+    rules = [
+        (group, resource, verb)
+        for doc in yaml.safe_load_all(RBAC.read_text())
+        if doc["kind"] in ("Role", "ClusterRole")
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    ]
+    for method, path in requests:
+        parts = path.strip("/").split("/")
+        group = "" if parts[0] == "api" else parts[1]
+        names = parts[2:] if parts[0] == "api" else parts[3:]
+        if names[0] == "namespaces":
+            names = names[2:]
+        resource = names[0] + (f"/{names[2]}" if len(names) > 2 else "")
+        verb = "list" if method == "GET" and len(names) == 1 else VERBS[method]
+        if resource == "configmaps":
+            continue  # the SDK's optional Trainer version check, which tolerates a refusal
+        assert (group, resource, verb) in rules, f"RBAC does not allow {method} {path}"
 
 
 @pytest.mark.parametrize(
