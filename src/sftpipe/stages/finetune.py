@@ -351,7 +351,10 @@ def run(
     early_stopping = EarlyStopping(config.early_stopping_patience)
     # The best weights so far live in a file, not in a second copy in memory (for a large model
     # that copy alone would need as much RAM as the model).
-    scratch = Path(tempfile.mkdtemp(prefix="sftpipe-finetune-"))
+    # Removed at the end, and also when the run fails (the object's finalizer): a model-sized
+    # file must not pile up in /tmp with every NaN or SIGTERM.
+    scratch_dir = tempfile.TemporaryDirectory(prefix="sftpipe-finetune-")
+    scratch = Path(scratch_dir.name)
     best_file = scratch / BEST_FILE
 
     def save_best() -> None:
@@ -529,7 +532,7 @@ def run(
         with storage.atomic_dir(output_dir) as tmp:
             lora.save(final, tokenizer, tmp)
             (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
-    shutil.rmtree(scratch, ignore_errors=True)
+    scratch_dir.cleanup()
     world.barrier()
     if tracker:
         tracker.log_metrics(

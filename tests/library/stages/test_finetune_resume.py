@@ -103,3 +103,39 @@ def test_sigterm_checkpoints_and_stops(tiny_model_dir, tokenized, tmp_path):
     steps = CheckpointStore(uri).complete_steps()
     assert len(steps) == 1 and steps[0] > 0
     assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, tokenized, tmp_path, monkeypatch
+):
+    """A NaN loss at step 5 (injected into the loss module) is one clear line; the checkpoint
+    of step 4 stays complete, nothing is exported, no scratch weights are left in /tmp."""
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    from sftpipe import lm
+    from sftpipe.errors import SftpipeError
+
+    forward, calls = lm.TokenLoss.forward, []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        loss = forward(self, batch)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(lm.TokenLoss, "forward", poisoned)
+    scratch = set(Path(tempfile.gettempdir()).glob("sftpipe-finetune-*"))
+    uri = str(tmp_path / "ckpt")
+    changes = dict(max_steps=10, checkpoint_every=2, micro_batch_size=4)
+    config = TrainConfig(**CONFIG | changes | dict(gradient_accumulation_steps=1))
+    with pytest.raises(SftpipeError, match="loss is nan at step 5") as failure:
+        finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "out", None, uri)
+    assert "\n" not in str(failure.value)
+    del failure
+    gc.collect()
+    assert CheckpointStore(uri).complete_steps() == [2, 4]
+    assert not (tmp_path / "out").exists()
+    assert set(Path(tempfile.gettempdir()).glob("sftpipe-finetune-*")) == scratch
