@@ -165,7 +165,7 @@ def restore(
     """Load a checkpoint written by `run` (with any strategy and number of processes) into the
     model and optimizer, and its best weights into `best_file` on the main process; returns the
     step, the early-stopping state and the report so far. Every process calls it."""
-    weights = torch.load(folder / "model.pt", weights_only=True)
+    weights = torch.load(folder / "model.pt", weights_only=True, mmap=True)
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
     distributed.load_state(model, weights, optimizer, trainer["optimizer"])
     if main:
@@ -521,6 +521,9 @@ def run(
     )
 
     # --- export ----------------------------------------------------------------------------
+    # The optimizer state (twice the model) is done with; free it before the best weights
+    # are read back, so exporting never needs more memory than training did.
+    optimizer.state.clear()
     if world.is_main:
         # An FSDP model is sharded across the processes: export from a plain copy on the CPU.
         final = (
@@ -528,7 +531,7 @@ def run(
             if fsdp
             else model
         )
-        final.load_state_dict(torch.load(best_file, weights_only=True))
+        final.load_state_dict(torch.load(best_file, weights_only=True, mmap=True))
         with storage.atomic_dir(output_dir) as tmp:
             lora.save(final, tokenizer, tmp)
             (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
