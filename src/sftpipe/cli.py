@@ -149,12 +149,17 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
         version = MlflowClient(result.tracking_uri).get_model_version(name, number)
         aliases = ", ".join(sorted(version.aliases)) or "none"
         print(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
-        print(f"    {'metric':<22} {'base':>10} {'tuned':>10} {'tfidf':>10}")
+        # Classifiers also have the TF-IDF baseline's column.
+        baseline = any(tag.startswith("tfidf_") for tag in version.tags)
+        print(
+            f"    {'metric':<22} {'base':>10} {'tuned':>10}"
+            + (f" {'tfidf':>10}" if baseline else "")
+        )
         for key in SUMMARY_METRICS:
             base, tuned = version.tags.get(f"base_{key}"), version.tags.get(f"tuned_{key}")
-            tfidf = version.tags.get(f"tfidf_{key}", "")
+            tfidf = f" {version.tags.get(f'tfidf_{key}', ''):>10}" if baseline else ""
             if base is not None and tuned is not None:
-                print(f"    {key:<22} {base:>10} {tuned:>10} {tfidf:>10}")
+                print(f"    {key:<22} {base:>10} {tuned:>10}{tfidf}")
         print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
         print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
         store = Path(result.tracking_uri.removeprefix("sqlite:///")).parent
