@@ -33,7 +33,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "bench-train"
-TOOLS = ("sftpipe", "hf_trainer", "trl_default", "trl_packing")
+# sftpipe_checkpointing: sftpipe with gradient checkpointing, TRL's own default (at TRL's memory).
+TOOLS = ("sftpipe", "sftpipe_checkpointing", "hf_trainer", "trl_default", "trl_packing")
 MAX_LENGTH, BATCH, LR, SEED = 256, 8, 5e-5, 0
 
 
@@ -121,7 +122,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_sftpipe(model_dir: Path, data: dict[str, Path], steps: int) -> dict[str, float]:
+def run_sftpipe(
+    model_dir: Path, data: dict[str, Path], steps: int, checkpointing: bool = False
+) -> dict[str, float]:
     from sftpipe.config import TrainConfig
     from sftpipe.stages import finetune
 
@@ -134,6 +137,7 @@ def run_sftpipe(model_dir: Path, data: dict[str, Path], steps: int) -> dict[str,
         early_stopping_patience=0,
         seed=SEED,
         log_every=1,
+        gradient_checkpointing=checkpointing,
     )
     report = finetune.run(
         config, str(model_dir), data["train"], data["validation"], BUILD / "out-sftpipe"
@@ -257,8 +261,8 @@ def child(args: argparse.Namespace) -> None:
 
     model_dir, data = Path(args.model_dir), json.loads(args.data)
     data = {k: Path(v) for k, v in data.items()}
-    if args.tool == "sftpipe":
-        result = run_sftpipe(model_dir, data, args.steps)
+    if args.tool.startswith("sftpipe"):
+        result = run_sftpipe(model_dir, data, args.steps, args.tool == "sftpipe_checkpointing")
     else:
         result = run_hf(args.tool, model_dir, data, args.steps)
     import torch
