@@ -30,6 +30,7 @@ def finetune(
     use_dora: bool,
     class_weights: bool,
     gradient_checkpointing: bool,
+    gradient_checkpointing_every: int,
     compile: bool,
     checkpoint_uri: str,
     checkpoint_every: int,

@@ -307,6 +307,13 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% more compute."
     )
+    gradient_checkpointing_every: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="With gradient_checkpointing: recompute only every Nth transformer block "
+        "(2: half of them), a dial between memory and speed.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the transformer: faster steps after a one-time compilation "

@@ -203,9 +203,21 @@ def load_model(
     model = model.to(device) if config.method != "qlora" else model
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_some_blocks(model, config.gradient_checkpointing_every)
     if config.method in ("lora", "qlora"):
         model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
     return model
+
+
+def checkpoint_some_blocks(model: Any, every: int) -> None:
+    """Keep gradient checkpointing on every `every`-th transformer block only. SmolLM2-135M,
+    8 x 256 tokens on 2 CPU cores: no checkpointing 566 tok/s at 6.4 GB peak, every block 465
+    tok/s at 4.0 GB, every 2nd 510 at 5.2 GB, every 3rd 529 at 5.6 GB."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, block in enumerate(blocks):
+        block.gradient_checkpointing = index % every == 0
 
 
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:

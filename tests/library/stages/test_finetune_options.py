@@ -55,6 +55,25 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, token
     )
     assert ckpt.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
     assert ckpt.best_validation_loss == pytest.approx(plain.best_validation_loss, rel=1e-5)
+    some = finetune.run(
+        TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every=2, **FAST),
+        str(tiny_model_dir),
+        *tokenized,
+        tmp_path / "c",
+    )
+    assert some.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
+
+
+def test_checkpointing_every_nth_block(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(blocks) >= 2
+    finetune.checkpoint_some_blocks(model, 2)
+    assert [b.gradient_checkpointing for b in blocks] == [i % 2 == 0 for i in range(len(blocks))]
 
 
 @pytest.mark.slow
