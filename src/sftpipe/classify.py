@@ -49,6 +49,12 @@ def class_weights(rows: Sequence[dict[str, Any]], num_labels: int) -> torch.Tens
     return torch.tensor([len(rows) / (num_labels * max(counts[k], 1)) for k in range(num_labels)])
 
 
+def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 class logits of a collated batch (its labels are not the model's input)."""
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return output.logits.float()
+
+
 class ClassLoss(torch.nn.Module):
     """Summed (optionally class-weighted) cross-entropy of a batch, as a module for DDP."""
 
@@ -58,9 +64,9 @@ class ClassLoss(torch.nn.Module):
         self.register_buffer("weights", weights, persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs).logits.float()
-        return F.cross_entropy(logits, batch["labels"], weight=self.weights, reduction="sum")
+        return F.cross_entropy(
+            logits(self.model, batch), batch["labels"], weight=self.weights, reduction="sum"
+        )
 
 
 def mean_loss(
@@ -77,10 +83,8 @@ def mean_loss(
     def summed(chunk: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with lm.autocast(device, dtype):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits.float()
-        return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(chunk)
+            loss = F.cross_entropy(logits(model, batch), batch["labels"], reduction="sum")
+        return loss, len(chunk)
 
     return lm.mean_over(model, rows, batch_size, world, summed)
 
@@ -101,13 +105,9 @@ def log_probabilities(
     out = torch.empty((len(rows), model.config.num_labels), dtype=torch.float32)
     for first in range(0, len(order), batch_size):
         chunk = order[first : first + batch_size]
-        batch = collate([rows[i] for i in chunk], pad_id)
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_id).items()}
         with lm.autocast(device, dtype):
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits.float()
-        out[chunk] = torch.log_softmax(logits, dim=-1).cpu()
+            out[chunk] = torch.log_softmax(logits(model, batch), dim=-1).cpu()
     return out
 
 
