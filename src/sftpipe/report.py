@@ -71,7 +71,6 @@ _LABELS = {
     "macro_f1": "macro F1",
     "min_class_recall": "worst class recall",
 }
-_PERCENT = ("eos_rate", "accuracy", "min_class_recall")
 MODELS = {"base": "base", "tuned": "tuned", "tfidf": "TF-IDF + LogReg"}
 """Columns of the report: every model whose metrics are there (tfidf: classification only)."""
 _BARS = ("rouge_l", "chrf", "bleu", "eos_rate")
@@ -191,7 +190,7 @@ def _metrics_table(metrics: dict[str, float], models: list[str]) -> list[str]:
         change = ""
         if base is not None:
             delta = metrics[f"tuned_{name}"] - base
-            change = f"{delta * 100:+.1f} pt" if name in _PERCENT else f"{delta:+.4g}"
+            change = f"{delta * 100:+.1f} pt" if "%" in shape else f"{delta:+.4g}"  # rates
         label = _LABELS.get(name, name.replace("_", " "))
         rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td class=num>{change}</td></tr>")
     rows.append("</table>")
