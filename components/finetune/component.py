@@ -31,6 +31,7 @@ def finetune(
     class_weights: bool,
     gradient_checkpointing: bool,
     gradient_checkpointing_every: int,
+    lean_layers: bool,
     compile: bool,
     checkpoint_uri: str,
     checkpoint_every: int,

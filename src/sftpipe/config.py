@@ -314,6 +314,12 @@ class TrainConfig(Section):
         description="With gradient_checkpointing: recompute only every Nth transformer block "
         "(2: half of them), a dial between memory and speed.",
     )
+    lean_layers: bool = Field(
+        True,
+        description="Llama-style models (Llama, Mistral, Qwen2/3, SmolLM): RMSNorm and SwiGLU "
+        "layers that keep fewer activations for backward, same math (~1 GB less peak memory "
+        "on SmolLM2-135M at 8 x 256 tokens).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the transformer: faster steps after a one-time compilation "

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sftpipe.distributed import SINGLE, World
 
@@ -91,10 +92,37 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     if _projects_hidden_states_directly(model):
         hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
-        logits = model.get_output_embeddings()(hidden)
+        loss = chunked_cross_entropy(model.get_output_embeddings(), hidden, targets[mask])
     else:
         logits = model(**inputs).logits[:, :-1][mask]
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
+        loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    return loss, int(mask.sum())
+
+
+LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk of chunked_cross_entropy
+
+
+def chunked_cross_entropy(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets`, a chunk of rows at a time:
+    the logits of all loss-bearing tokens (with their fp32 copies and gradients, several times
+    the size of the model's activations for a large vocabulary) never exist at once. In
+    training each chunk's logits are recomputed in backward: one more head matmul over the
+    loss-bearing tokens, same kernels. SmolLM2-135M, 8 x 256 tokens: 0.4 GB less peak RSS."""
+    rows = max(1, LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+
+    def chunk_loss(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(chunk).float(), chunk_targets, reduction="sum")
+
+    losses = []
+    for start in range(0, max(len(targets), 1), rows):  # an empty input still gives a graph
+        args = (hidden[start : start + rows], targets[start : start + rows])
+        if torch.is_grad_enabled():
+            losses.append(checkpoint(chunk_loss, *args, use_reentrant=False))
+        else:
+            losses.append(chunk_loss(*args))
+    return torch.stack(losses).sum()
 
 
 class TokenLoss(torch.nn.Module):

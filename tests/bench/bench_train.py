@@ -123,7 +123,11 @@ def peak_rss_mb() -> float:
 
 
 def run_sftpipe(
-    model_dir: Path, data: dict[str, Path], steps: int, checkpointing: bool = False
+    model_dir: Path,
+    data: dict[str, Path],
+    steps: int,
+    checkpointing: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     from sftpipe.config import TrainConfig
     from sftpipe.stages import finetune
@@ -138,7 +142,7 @@ def run_sftpipe(
         seed=SEED,
         log_every=1,
         gradient_checkpointing=checkpointing,
-    )
+    ).model_copy(update=overrides or {})
     report = finetune.run(
         config, str(model_dir), data["train"], data["validation"], BUILD / "out-sftpipe"
     )
@@ -262,7 +266,9 @@ def child(args: argparse.Namespace) -> None:
     model_dir, data = Path(args.model_dir), json.loads(args.data)
     data = {k: Path(v) for k, v in data.items()}
     if args.tool.startswith("sftpipe"):
-        result = run_sftpipe(model_dir, data, args.steps, args.tool == "sftpipe_checkpointing")
+        overrides = json.loads(args.sftpipe_set)
+        checkpointing = args.tool == "sftpipe_checkpointing"
+        result = run_sftpipe(model_dir, data, args.steps, checkpointing, overrides)
     else:
         result = run_hf(args.tool, model_dir, data, args.steps)
     import torch
@@ -290,6 +296,11 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--steps", type=int, default=0, help="0: 60 for tiny, 20 for smollm2")
     parser.add_argument("--conversations", type=int, default=1200)
+    parser.add_argument(
+        "--sftpipe-set",
+        default="{}",
+        help="JSON of TrainConfig fields for the sftpipe tools, e.g. '{\"compile\": true}'",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -325,6 +336,8 @@ def main() -> None:
                 json.dumps({k: str(v) for k, v in data.items()}),
                 "--steps",
                 str(steps),
+                "--sftpipe-set",
+                args.sftpipe_set,
                 "--out",
                 str(out),
             ]

@@ -63,3 +63,22 @@ def test_matmul_parameters_leave_out_an_untied_lookup_table(encoder):
         total = sum(p.numel() for p in model.parameters())
         # Tied: the output projection is the embedding matrix, a matmul per token.
         assert lm.matmul_parameters(model) == (total if tied else total - 64 * 16)
+
+
+def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    want = torch.autograd.grad(whole, (hidden, head.weight))
+    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 5 * 4 * 50)  # 5 rows a chunk: 5 chunks
+    chunked = lm.chunked_cross_entropy(head, hidden, targets)
+    torch.testing.assert_close(chunked, whole)
+    got = torch.autograd.grad(chunked, (hidden, head.weight))
+    for mine, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.chunked_cross_entropy(head, hidden, targets), whole)
+    empty = lm.chunked_cross_entropy(head, hidden[:0], targets[:0])
+    assert empty.item() == 0.0 and empty.requires_grad
