@@ -82,3 +82,23 @@ def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_one_pass(monkeypa
         torch.testing.assert_close(lm.chunked_cross_entropy(head, hidden, targets), whole)
     empty = lm.chunked_cross_entropy(head, hidden[:0], targets[:0])
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_the_plain_head(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 7 * 4 * 300)
+    results = []
+    for loss_fn in (torch.nn.functional.cross_entropy, None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if loss_fn is None:
+                loss = lm.chunked_cross_entropy(head, hidden, targets)
+            else:
+                loss = loss_fn(head(hidden).float(), targets, reduction="sum")
+        results.append((loss, *torch.autograd.grad(loss / 40, (hidden, head.weight))))
+    (plain, *plain_grads), (chunked, *chunked_grads) = results
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=0)
+    for got, want in zip(chunked_grads, plain_grads, strict=True):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
