@@ -72,7 +72,9 @@ def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_one_pass(monkeypa
     targets = torch.randint(0, 50, (23,))
     whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     want = torch.autograd.grad(whole, (hidden, head.weight))
-    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 5 * 4 * 50)  # 5 rows a chunk: 5 chunks
+    # chunks of 4 rows (2 padded in the last): 6 chunks
+    monkeypatch.setattr(lm, "SHAPE_ROWS", 4)
+    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 4 * 4 * 50)
     chunked = lm.chunked_cross_entropy(head, hidden, targets)
     torch.testing.assert_close(chunked, whole)
     got = torch.autograd.grad(chunked, (hidden, head.weight))
@@ -89,7 +91,8 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_the_plain_head(monkey
     head = torch.nn.Linear(16, 300, bias=False)
     hidden = torch.randn(40, 16, requires_grad=True)
     targets = torch.randint(0, 300, (40,))
-    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 7 * 4 * 300)
+    monkeypatch.setattr(lm, "SHAPE_ROWS", 3)
+    monkeypatch.setattr(lm, "LOGITS_CHUNK_BYTES", 6 * 4 * 300)  # chunks of 6 rows, 2 padded
     results = []
     for loss_fn in (torch.nn.functional.cross_entropy, None):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -212,9 +212,8 @@ def load_model(
 
 
 def checkpoint_some_blocks(model: Any, every: int) -> None:
-    """Keep gradient checkpointing on every `every`-th transformer block only. SmolLM2-135M,
-    8 x 256 tokens on 2 CPU cores: no checkpointing 566 tok/s at 6.4 GB peak, every block 465
-    tok/s at 4.0 GB, every 2nd 510 at 5.2 GB, every 3rd 529 at 5.6 GB."""
+    """Keep gradient checkpointing on every `every`-th transformer block only: a dial between
+    memory and speed (bench-train figures in the README)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
