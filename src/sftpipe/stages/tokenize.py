@@ -486,6 +486,8 @@ class _Encoded:
     full_length: int = 0
     truncated: bool = False
     validation: bool = False
+    loss_tokens: int = 0
+    unknown_tokens: int = 0
     messages: str = ""  # JSON, for the rows that keep their messages (validation, unpacked)
 
 
@@ -506,7 +508,7 @@ def _to_validation(group: str) -> bool:
 def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
     """Render, tokenize, label and split a batch of cleaned rows (in a worker or here)."""
     tokenizer, renderer = _WORKER["tokenizer"], _WORKER["renderer"]
-    max_length, drop = _WORKER["max_length"], _WORKER["drop"]
+    max_length, drop, unknown = _WORKER["max_length"], _WORKER["drop"], _WORKER["unknown"]
     renderer.new_batch()
     rows = [json.loads(line) for line in lines]
     out: list[_Encoded | None] = [None] * len(rows)
@@ -537,7 +539,8 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
                 )
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
-        if labels.count(IGNORE_INDEX) == len(labels):
+        masked = labels.count(IGNORE_INDEX)
+        if masked == len(labels):
             detail = f"no assistant token within max_length={max_length}"
             out[index] = _rejected(row, Reason.NO_LOSS_TOKENS, detail, full)
             continue
@@ -550,13 +553,16 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
             full_length=full,
             truncated=full > max_length,
             validation=validation,
+            loss_tokens=len(labels) - masked,
+            unknown_tokens=0 if unknown is None else ids.count(unknown),
             messages=json.dumps(row["messages"], ensure_ascii=False) if keep_messages else "",
         )
     return out  # type: ignore[return-value]
 
 
-def _line_batches(path: str | Path, size: int = _BATCH) -> Iterator[list[str]]:
+def _line_batches(path: str | Path) -> Iterator[list[str]]:
     batch: list[str] = []
+    size = _BATCH
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
@@ -617,9 +623,9 @@ def _run_chat(
         fraction=config.validation_fraction,
         force_validation=force_validation,
         force_train=force_train,
+        unknown=unknown_token_id(tokenizer),
     )
     batches = _line_batches(cleaned_path)
-    unknown = unknown_token_id(tokenizer)
     for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
         for item in results:
             report.rows_in += 1
@@ -636,12 +642,11 @@ def _run_chat(
                 continue
             input_ids, labels = item.input_ids, item.labels
             assert input_ids is not None and labels is not None
-            loss_tokens = int((labels != IGNORE_INDEX).sum())
+            loss_tokens = item.loss_tokens
             report.truncated_rows += item.truncated
             report.tokens += len(input_ids)
             report.loss_tokens += loss_tokens
-            if unknown is not None:
-                report.unknown_tokens += int((input_ids == unknown).sum())
+            report.unknown_tokens += item.unknown_tokens
             if not sample_html:
                 sample_html = highlight_tokens(tokenizer, input_ids.tolist(), labels.tolist())
             plain = {

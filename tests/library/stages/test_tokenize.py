@@ -246,6 +246,19 @@ def test_packed_train_and_plain_validation(tiny_model_dir, tmp_path):
     )
 
 
+def test_worker_processes_give_the_bytes_of_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenize, "_BATCH", 4)  # 16 batches: enough to start the workers
+    rows = [CONVERSATION, *chats(60)]
+    config = TokenizeConfig(max_length=64, validation_fraction=0.3)
+    outputs = []
+    for workers in (1, 2):
+        report = run(tmp_path, tiny_model_dir, config, rows, num_workers=workers)
+        files = ("train.parquet", "val.parquet", "quarantine.jsonl")
+        metrics = report.metrics() | {"seconds": 0}
+        outputs.append((metrics, [(tmp_path / f).read_bytes() for f in files]))
+    assert outputs[0] == outputs[1]
+
+
 def test_unpacked_truncation_drop_and_groups(tiny_model_dir, tmp_path):
     grouped = [
         [{"role": "user", "content": f"again {i}"}, {"role": "assistant", "content": "A."}]
