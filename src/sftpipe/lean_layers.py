@@ -1,5 +1,5 @@
-"""Memory-lean RMSNorm and SwiGLU MLP for Llama-style decoder layers: the same math as the
-transformers modules, with fewer activations kept for the backward pass.
+"""Memory-lean layers: RMSNorm and SwiGLU MLP for Llama-style decoder layers, and GPT-2's GELU;
+the same math as the transformers modules, with fewer activations kept for the backward pass.
 
 What each block keeps for backward under bf16 autocast (T tokens, hidden H, MLP width I):
 - each RMSNorm: transformers keeps its fp32 input, the fp32 normalized activations, and one
@@ -10,7 +10,11 @@ What each block keeps for backward under bf16 autocast (T tokens, hidden H, MLP 
   up and the product and recomputes SiLU(gate) in backward (one elementwise op, with the same
   kernels as autograd's own backward, so the MLP's gradients are bit-identical).
 
-SmolLM2-135M, 8 x 256 tokens on 2 CPU cores (bench-train): peak RSS ~1 GB lower at the same
+- GPT-2-style tanh GELU (transformers' NewGELUActivation, six elementwise ops, each keeping
+  its input for backward) becomes PyTorch's fused `gelu(approximate="tanh")`: the same
+  function in one kernel, which keeps only its input.
+
+SmolLM2-135M, 8 x 256 tokens on 2 CPU cores (bench-train): peak RSS ~0.7 GB lower at the same
 speed. One difference from stock, by design: under autocast the gradients flowing into a
 norm's shared output are summed in bf16 (stock sums three fp32 copies); the loss curve agrees
 within noise.
@@ -100,11 +104,17 @@ def _swap_if_same(module: torch.nn.Module, lean: Any, probe: torch.Tensor) -> bo
     return True
 
 
+def _gelu_tanh_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 def apply(model: torch.nn.Module) -> int:
-    """Give the norms and MLPs of Llama-style decoders the lean forwards; the number of modules
-    that got one (0: nothing here is Llama-style)."""
+    """Give the norms and MLPs of Llama-style decoders and GPT-2-style GELUs the lean
+    forwards; the number of modules that got one (0: none of them here)."""
     swapped = 0
     for module in model.modules():
+        if type(module).__name__ == "NewGELUActivation":
+            swapped += _swap_if_same(module, _gelu_tanh_forward, torch.randn(64))
         layers = getattr(module, "layers", None)
         norm = getattr(module, "norm", None)
         if not isinstance(layers, torch.nn.ModuleList) or norm is None or not len(layers):

@@ -121,6 +121,16 @@ def test_a_norm_with_other_math_keeps_its_own_forward():
     assert "forward" not in vars(odd)
 
 
-def test_other_architectures_are_left_alone():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2))
-    assert lean_layers.apply(model) == 0
+def test_gpt2_gets_the_fused_gelu_and_the_same_gradients():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    stock = GPT2LMHeadModel(config)
+    lean = copy.deepcopy(stock)
+    assert lean_layers.apply(lean) == 2  # one GELU per block; nothing else is Llama-style
+    ids = torch.randint(0, 300, (2, 17))
+    stock_loss, stock_grads = loss_and_grads(stock, ids, autocast=False)
+    lean_loss, lean_grads = loss_and_grads(lean, ids, autocast=False)
+    assert lean_loss == pytest.approx(stock_loss, rel=1e-6)
+    assert relative_error(lean_grads, stock_grads) < 1e-5
+    assert saved_bytes(lean, ids) < saved_bytes(stock, ids)
