@@ -1,15 +1,14 @@
 """Memory-lean layers: RMSNorm and SwiGLU MLP for Llama-style decoder layers, and GPT-2's GELU;
 the same math as the transformers modules, with fewer activations kept for the backward pass.
 
-What each block keeps for backward under bf16 autocast (T tokens, hidden H, MLP width I):
+What each block keeps for backward under bf16 autocast:
 - each RMSNorm: transformers keeps its fp32 input, the fp32 normalized activations, and one
   bf16 copy of its output per projection reading it (q, k, v; gate, up). The lean norm keeps
   its input and the per-token inverse RMS, and hands the projections one shared tensor in the
   autocast dtype, which is what each of them would cast it to anyway;
 - the MLP: transformers keeps gate, up, SiLU(gate) and the product; the lean MLP keeps gate,
   up and the product and recomputes SiLU(gate) in backward (one elementwise op, with the same
-  kernels as autograd's own backward, so the MLP's gradients are bit-identical).
-
+  kernels as autograd's own backward, so the MLP's gradients are bit-identical);
 - GPT-2-style tanh GELU (transformers' NewGELUActivation, six elementwise ops, each keeping
   its input for backward) becomes PyTorch's fused `gelu(approximate="tanh")`: the same
   function in one kernel, which keeps only its input.

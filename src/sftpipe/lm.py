@@ -99,8 +99,6 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk of chunked_cross_entropy
-
-
 SHAPE_ROWS = 64  # chunks are padded to a multiple of this many rows
 
 
@@ -172,7 +170,10 @@ def chunked_cross_entropy(
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     rows = LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]) // SHAPE_ROWS * SHAPE_ROWS
     rows = min(max(rows, SHAPE_ROWS), 16 * SHAPE_ROWS)  # few shapes, whatever the vocabulary
-    return _LinearCrossEntropy.apply(hidden, head.weight, targets, rows)
+    weight = head.weight
+    if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: no gradients to compute
+        hidden, weight = hidden.detach(), weight.detach()
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
 
 
 class TokenLoss(torch.nn.Module):
