@@ -4,8 +4,8 @@ With `num_nodes > 1` the finetune step does not train itself. Through the `kubef
 (TrainerClient, Kubernetes backend) it submits a TrainJob that runs the same entry point,
 `torchrun -m sftpipe.stages.finetune ...`, on `num_nodes` pods of the `torch-distributed`
 ClusterTrainingRuntime (the Trainer's torch plugin hands torchrun the node count, node rank,
-processes per node and master address in PET_* variables), waits for Complete or Failed,
-prints node 0's log, and copies the model the job exported into the step's output.
+processes per node and master address in PET_* variables), waits for Complete or Failed
+while streaming node 0's log, and copies the model the job exported into the step's output.
 
 Supported: the finetune component's image, resources per node (the finetune step's accelerator,
 CPU and memory requests), the S3 and MLflow settings of the pipeline's pods (the same Secret and
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,11 +173,13 @@ def train(
         _submit(client, name, trainer, options)
         print(f"[finetune] {where}: {config.num_nodes} nodes of {settings.image}", flush=True)
         seen: list[str] = []
+        node_log = _NodeLog(client, name)
 
         def report_status(job: Any) -> None:
             if not seen or seen[-1] != job.status:
                 seen.append(job.status)
                 print(f"[finetune] {where}: {job.status}", flush=True)
+            node_log.follow_once_running(job)
 
         job = client.wait_for_job_status(
             name,
@@ -185,14 +188,12 @@ def train(
             polling_interval=settings.poll_s,
             callbacks=[report_status],
         )
-        log = list(client.get_job_logs(name))
+        log = node_log.finish()
     except (RuntimeError, TimeoutError, ValueError) as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise SftpipeError(
             where, f"{exc}{cause}", "check that Kubeflow Trainer is installed and the RBAC"
         ) from None
-    for line in log[-200:]:
-        print(f"[node-0] {line}", flush=True)
     if job.status != COMPLETE:
         error = next((ln for ln in log if ln.startswith(finetune.ERROR_PREFIX)), "")
         raise SftpipeError(
@@ -202,6 +203,41 @@ def train(
         )
     _fetch(output_uri, Path(output_dir))
     return finetune.read_report(output_dir)
+
+
+class _NodeLog:
+    """Node 0's log on this step's console: streamed from when its pod runs, and whatever the
+    stream missed (it broke, or the pod finished between two polls) printed when the job ends,
+    from the last line printed on (at most the last `tail` lines)."""
+
+    def __init__(self, client: Any, name: str, tail: int = 200) -> None:
+        self.client, self.name, self.tail = client, name, tail
+        self.printed = 0
+        self.thread: threading.Thread | None = None
+
+    def follow_once_running(self, job: Any) -> None:
+        running = any(s.name == f"{CONTAINER}-0" and s.status == "Running" for s in job.steps)
+        if running and self.thread is None:
+            self.thread = threading.Thread(target=self._follow, daemon=True)
+            self.thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for line in self.client.get_job_logs(self.name, follow=True):
+                print(f"[node-0] {line}", flush=True)
+                self.printed += 1
+        except RuntimeError:  # the API went away: finish() prints the rest
+            pass
+
+    def finish(self, wait_s: float = 60.0) -> list[str]:
+        """The whole log, once its end has been printed."""
+        if self.thread is not None:
+            self.thread.join(wait_s)  # the stream ends with the pod
+        log = list(self.client.get_job_logs(self.name))
+        if self.thread is None or not self.thread.is_alive():
+            for line in log[max(self.printed, len(log) - self.tail) :]:
+                print(f"[node-0] {line}", flush=True)
+        return log
 
 
 def _submit(client: Any, name: str, trainer: Any, options: list[Any]) -> None:
