@@ -562,12 +562,11 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
 
 def _line_batches(path: str | Path) -> Iterator[list[str]]:
     batch: list[str] = []
-    size = _BATCH
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 batch.append(line)
-                if len(batch) >= size:
+                if len(batch) >= _BATCH:  # read here, so that tests can make batches small
                     yield batch
                     batch = []
     if batch:
