@@ -132,7 +132,7 @@ def run_sftpipe(
     from sftpipe.config import TrainConfig
     from sftpipe.stages import finetune
 
-    config = TrainConfig(
+    defaults = TrainConfig(
         max_steps=steps,
         micro_batch_size=BATCH,
         learning_rate=LR,
@@ -142,7 +142,9 @@ def run_sftpipe(
         seed=SEED,
         log_every=1,
         gradient_checkpointing=checkpointing,
-    ).model_copy(update=overrides or {})
+    )
+    # Validated, so that a misspelt field fails instead of measuring the defaults.
+    config = TrainConfig.model_validate(defaults.model_dump() | (overrides or {}))
     report = finetune.run(
         config, str(model_dir), data["train"], data["validation"], BUILD / "out-sftpipe"
     )

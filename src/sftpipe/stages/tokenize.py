@@ -180,17 +180,9 @@ def _heads(path: str | Path) -> Iterator[tuple[str, str | None]]:
                 yield row.get("group") or row["id"], None if label is None else str(label)
 
 
-def _batches(path: str | Path, size: int = _BATCH) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                batch.append(json.loads(line))
-                if len(batch) >= size:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
+def _batches(path: str | Path) -> Iterator[list[dict[str, Any]]]:
+    for lines in _line_batches(path):
+        yield [json.loads(line) for line in lines]
 
 
 def _split_chat(path: str | Path, fraction: float, where: str) -> tuple[set[str], set[str]]:
