@@ -4,7 +4,8 @@
 request of finetune and where it may be scheduled, the Secret and ConfigMap that give every
 step its S3 and MLflow settings, retries, image pull policy and resource requests. The wiring in
 `sft_pipeline.py` calls `apply()` on each task; `sftpipe compile` builds the options from its
-flags.
+flags. With num_nodes > 1 finetune runs as FINETUNE_DRIVER: it only submits a Kubeflow Trainer
+TrainJob, whose nodes get the GPUs (`trainjob_settings`), and waits for it.
 
 None of this is used by `sftpipe run`: KFP's local runner ignores the kfp-kubernetes settings
 anyway, but it does honour retry policies (with real back-off sleeps), and a local step that
@@ -23,6 +24,10 @@ from sftpipe.trainjob import SETTINGS_ENV, NodeSettings
 
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
+# finetune with num_nodes > 1: the same component, whose pod trains nothing itself; it gets the
+# TrainJob settings, not the accelerator, node selector and tolerations of finetune.
+FINETUNE_DRIVER = "finetune-driver"
+TASKS = (*STEPS, FINETUNE_DRIVER)  # what the CPU and memory requests are keyed by
 
 # Env var -> key, for the Secret with the S3 credentials the steps read (data_uri, base_model).
 S3_SECRET_KEYS = {
@@ -89,9 +94,14 @@ class ClusterOptions:
     backoff_factor: float = 2.0
     backoff_max: str = "5m"
     image_pull_policy: str = ""  # "" keeps the cluster default
-    cpu_requests: dict[str, str] = field(default_factory=lambda: {"finetune": "4"})
+    # The driver waits on a TrainJob: a fraction of a core (it polls, streams node 0's log and
+    # copies the model at the end) and 1G, as its imports (torch, transformers, mlflow, the
+    # kubeflow SDK) take ~0.5 GB. Requests only, no limits: it may use more where there is room.
+    cpu_requests: dict[str, str] = field(
+        default_factory=lambda: {"finetune": "4", FINETUNE_DRIVER: "500m"}
+    )
     memory_requests: dict[str, str] = field(
-        default_factory=lambda: {"finetune": "16G", "evaluate": "8G"}
+        default_factory=lambda: {"finetune": "16G", "evaluate": "8G", FINETUNE_DRIVER: "1G"}
     )
     clean_shards: int = 1  # >1: clean fans out over groups of input files (dsl.ParallelFor)
 
@@ -105,7 +115,7 @@ class ClusterOptions:
         if self.image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"image_pull_policy must be one of {PULL_POLICIES[1:]}")
         for what, requests in (("cpu", self.cpu_requests), ("memory", self.memory_requests)):
-            unknown = set(requests) - set(STEPS)
+            unknown = set(requests) - set(TASKS)
             if unknown:
                 raise ValueError(f"{what} request for unknown step(s) {sorted(unknown)}")
 
@@ -160,7 +170,7 @@ def trainjob_settings(options: ClusterOptions) -> NodeSettings:
 
 
 def apply(task: Any, step: str, options: ClusterOptions) -> None:
-    """Give one pipeline task its cluster settings."""
+    """Give one pipeline task its cluster settings; `step` is one of TASKS."""
     # The MLflow run key of every step (sftpipe.steps.RUN_ID_ENV): the run id label KFP puts on
     # its pods, so clean and tokenize need no run-id input and stay cacheable across runs.
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
@@ -190,10 +200,12 @@ def apply(task: Any, step: str, options: ClusterOptions) -> None:
         task.set_cpu_request(options.cpu_requests[step])
     if step in options.memory_requests:
         task.set_memory_request(options.memory_requests[step])
+    if step == FINETUNE_DRIVER:
+        # Read only with num_nodes > 1, when finetune submits a Kubeflow Trainer job: the single
+        # node finetune task never sees that (sft_pipeline.py branches on num_nodes).
+        task.set_env_variable(SETTINGS_ENV, trainjob_settings(options).to_json())
     if step != "finetune":
         return
-    # Read only with num_nodes > 1, when finetune submits a Kubeflow Trainer job.
-    task.set_env_variable(SETTINGS_ENV, trainjob_settings(options).to_json())
     if options.gpu:
         task.set_accelerator_type(options.accelerator_type)
         task.set_accelerator_limit(options.accelerator_count)

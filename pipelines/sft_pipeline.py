@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from kfp import dsl
@@ -19,7 +20,7 @@ from sftpipe.components.finetune import finetune
 from sftpipe.components.images import CPU_IMAGE
 from sftpipe.components.register import register
 from sftpipe.components.tokenize import tokenize
-from sftpipe.pipelines.cluster import ClusterOptions, apply
+from sftpipe.pipelines.cluster import FINETUNE_DRIVER, ClusterOptions, apply
 
 from sftpipe.config import FIELDS, PipelineConfig, kfp_type
 
@@ -84,10 +85,39 @@ def _clean_in_shards(values: dict[str, Any], cluster: ClusterOptions, on_cluster
     )
 
 
+def _finetune_on_cluster(
+    num_nodes: Any, component: Any, finetune_task: Callable[[Any, str, str], Any]
+) -> Any:
+    """The fine-tuned model from one of two finetune tasks, by the `num_nodes` parameter;
+    `finetune_task(component, display name, ClusterOptions step)` makes one and returns its model.
+
+    With num_nodes > 1 the step trains nothing itself: it submits a Kubeflow Trainer TrainJob,
+    whose nodes get their own GPUs, and waits for it (sftpipe.trainjob). A GPU on that pod would
+    sit idle for the whole training, so that task (FINETUNE_DRIVER) has no accelerator, node
+    selector or tolerations and small requests. It runs in the CPU image, which has all it needs
+    (sftpipe with the kubeflow SDK) and is far smaller than the CUDA one. Kind clusters
+    (gpu=False) branch too: a driver holding finetune's CPU and memory there could leave the
+    TrainJob's own pods unschedulable on a small node.
+    """
+    # <= 1 is the exact complement of the step's own test (num_nodes > 1: TrainJob).
+    with dsl.If(num_nodes <= 1, name="num_nodes <= 1"):
+        single = finetune_task(component, "finetune", "finetune")
+    # Not "driver" in the display name: `sftpipe submit --wait` hides tasks named so (KFP's own
+    # driver pods, see sftpipe.kfp_submit.task_states).
+    with dsl.Else(name="num_nodes > 1"):
+        driver = _in_image(finetune, CPU_IMAGE)
+        several = finetune_task(driver, "finetune: TrainJob", FINETUNE_DRIVER)
+    # Needs a KFP backend that resolves an artifact OneOf by the branch that ran
+    # (kubeflow/pipelines#13436, fixed after 2.16.0; docker/k8s pins 2.17.3).
+    return dsl.OneOf(single, several)
+
+
 def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
     """The pipeline; `cluster` adds the Kubernetes settings (None: for KFP's local runner).
 
-    Without a GPU (`ClusterOptions(gpu=False)`, kind) finetune runs in the CPU image.
+    Without a GPU (`ClusterOptions(gpu=False)`, kind) finetune runs in the CPU image. On a
+    cluster finetune branches on num_nodes: one node trains in the finetune task itself; more
+    submit a TrainJob from a "driver" task that holds no GPU (see `_finetune_on_cluster`).
     """
     signature = parameters()
     finetune_component = finetune
@@ -118,17 +148,23 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
 
         # finetune, evaluate and register record this run in MLflow: a cache hit would leave
         # the pipeline run's MLflow run without its curves, its evaluation or its model.
-        finetune_task = finetune_component(
-            train=tokenize_task.outputs["train"],
-            validation=tokenize_task.outputs["validation"],
-            **_inputs(finetune_component, values),
-            pipeline_run_id=run_id,
-        )
-        finetune_task.set_display_name("finetune").set_caching_options(False)
-        on_cluster(finetune_task, "finetune")
+        def finetune_task(component: Any, name: str, step: str) -> Any:
+            task = component(
+                train=tokenize_task.outputs["train"],
+                validation=tokenize_task.outputs["validation"],
+                **_inputs(component, values),
+                pipeline_run_id=run_id,
+            )
+            task.set_display_name(name).set_caching_options(False)
+            return on_cluster(task, step).outputs["model"]
+
+        if cluster is None:  # the local runner refuses num_nodes > 1 (sftpipe.trainjob)
+            model = finetune_task(finetune_component, "finetune", "finetune")
+        else:
+            model = _finetune_on_cluster(values["num_nodes"], finetune_component, finetune_task)
 
         evaluate_task = evaluate(
-            model=finetune_task.outputs["model"],
+            model=model,
             train=tokenize_task.outputs["train"],
             validation=tokenize_task.outputs["validation"],
             **_inputs(evaluate, values),
@@ -138,7 +174,7 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         on_cluster(evaluate_task, "evaluate")
 
         register_task = register(
-            model=finetune_task.outputs["model"],
+            model=model,
             cleaned=clean_task.outputs["cleaned"],
             train=tokenize_task.outputs["train"],
             validation=tokenize_task.outputs["validation"],

@@ -3,7 +3,9 @@ fields with their defaults, and the cluster settings of each variant:
 
 - gpu (`sftpipe compile`): finetune requests an NVIDIA GPU in the CUDA image, tolerates the
   GPU taint; every step gets its S3 and MLflow settings from a Secret and a ConfigMap by name
-  (kfp-kubernetes), retries with back-off; caching on for clean/tokenize only;
+  (kfp-kubernetes), retries with back-off; caching on for clean/tokenize only. finetune branches
+  on num_nodes: above 1 a "finetune: TrainJob" task, with no GPU and small requests, submits the
+  Kubeflow Trainer job instead, and evaluate/register take the model of whichever branch ran;
 - no-gpu (`sftpipe compile --no-gpu`, kind): the same without accelerator, finetune in the
   CPU image;
 - local (`sftpipe run`): no platform settings and no retries (KFP's local runner would sleep
@@ -21,8 +23,10 @@ from sftpipe.pipelines.sft_pipeline import build_pipeline
 
 from sftpipe.config import FIELDS, PipelineConfig
 from sftpipe.tracking import RUN_ID_ENV
+from sftpipe.trainjob import SETTINGS_ENV, NodeSettings
 
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
+TRAINJOB = "finetune: TrainJob"  # finetune with num_nodes > 1 on a cluster (display name)
 VARIANTS = {
     "gpu": ClusterOptions(),
     "no-gpu": ClusterOptions(gpu=False),
@@ -63,16 +67,53 @@ def executor_platform(platform, step):
     return platform.get("deploymentSpec", {}).get("executors", {}).get(f"exec-{step}", {})
 
 
+def container_tasks(spec):
+    """Display name -> (task name, task) of every task that runs a container, those inside
+    condition branches included."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    found = {}
+    for dag in dags:
+        for name, task in dag["tasks"].items():
+            if "executorLabel" in spec["components"][task["componentRef"]["name"]]:
+                assert task["taskInfo"]["name"] not in found
+                found[task["taskInfo"]["name"]] = (name, task)
+    return found
+
+
+def task_names(variant):
+    """The display names of the tasks: the cluster variants add finetune's TrainJob branch."""
+    return STEPS if variant == "local" else (*STEPS, TRAINJOB)
+
+
+def executor(spec, platform, display_name):
+    """The container spec and the kfp-kubernetes settings of the task shown as `display_name`."""
+    _, task = container_tasks(spec)[display_name]
+    label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    container = spec["deploymentSpec"]["executors"][label]["container"]
+    return container, platform.get("deploymentSpec", {}).get("executors", {}).get(label, {})
+
+
 def test_five_tasks_wired_by_artifacts(compiled):
-    _, spec, _, _ = compiled
+    variant, spec, _, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STEPS)
+    steps = {name: task for name, (_, task) in container_tasks(spec).items()}
+    assert set(steps) == set(task_names(variant))
     assert artifact_source(tasks["tokenize"], "cleaned") == ("clean", "cleaned")
-    assert artifact_source(tasks["finetune"], "train") == ("tokenize", "train")
-    assert artifact_source(tasks["finetune"], "validation") == ("tokenize", "validation")
-    assert artifact_source(tasks["evaluate"], "model") == ("finetune", "model")
+    if variant == "local":
+        assert set(tasks) == set(STEPS)
+        assert artifact_source(tasks["finetune"], "train") == ("tokenize", "train")
+        assert artifact_source(tasks["finetune"], "validation") == ("tokenize", "validation")
+        model = ("finetune", "model")
+    else:  # finetune's tasks sit in condition branches, see test_finetune_branches_on_num_nodes
+        (branches,) = set(tasks) - set(STEPS)
+        assert artifact_source(tasks[branches], "pipelinechannel--tokenize-train") == (
+            "tokenize",
+            "train",
+        )
+        model = (branches, f"pipelinechannel--{branches}-oneof-1")
+    assert artifact_source(tasks["evaluate"], "model") == model
     assert artifact_source(tasks["evaluate"], "validation") == ("tokenize", "validation")
-    assert artifact_source(tasks["register"], "model") == ("finetune", "model")
+    assert artifact_source(tasks["register"], "model") == model
     assert artifact_source(tasks["register"], "evaluation") == ("evaluate", "metrics")
     outputs = spec["components"]
     for component, output, kind in (
@@ -84,12 +125,69 @@ def test_five_tasks_wired_by_artifacts(compiled):
         assert definition["artifactType"]["schemaTitle"] == kind
 
 
+def test_finetune_branches_on_num_nodes_on_a_cluster(compiled):
+    """On a cluster finetune is a dsl.If/Else on the num_nodes parameter: one node trains in
+    the finetune task, more in a TrainJob that the other task submits; evaluate and register
+    take the model of whichever ran (dsl.OneOf). Locally there is one finetune task."""
+    variant, spec, _, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    groups = [n for n, t in tasks.items() if "dag" in spec["components"][t["componentRef"]["name"]]]
+    if variant == "local":
+        assert groups == [] and tasks["finetune"]["taskInfo"]["name"] == "finetune"
+        return
+    (group,) = groups
+    parameters = tasks[group]["inputs"]["parameters"]
+    assert parameters["pipelinechannel--num_nodes"] == {"componentInputParameter": "num_nodes"}
+    branches = spec["components"][tasks[group]["componentRef"]["name"]]["dag"]
+    branch_of = {}  # condition -> (display name of its task, branch task, its model output)
+    for name, branch in branches["tasks"].items():
+        inner = spec["components"][branch["componentRef"]["name"]]["dag"]
+        ((task_name, task),) = inner["tasks"].items()
+        ((output, selector),) = inner["outputs"]["artifacts"].items()
+        assert selector["artifactSelectors"] == [
+            {"producerSubtask": task_name, "outputArtifactKey": "model"}
+        ]
+        branch_of[branch["triggerPolicy"]["condition"]] = (task["taskInfo"]["name"], name, output)
+    one_node = "int(inputs.parameter_values['pipelinechannel--num_nodes']) <= 1"
+    assert set(branch_of) == {one_node, f"!({one_node})"}
+    single, several = branch_of[one_node], branch_of[f"!({one_node})"]
+    assert (single[0], several[0]) == ("finetune", TRAINJOB)
+    ((oneof, selectors),) = branches["outputs"]["artifacts"].items()
+    assert selectors["artifactSelectors"] == [
+        {"producerSubtask": single[1], "outputArtifactKey": single[2]},
+        {"producerSubtask": several[1], "outputArtifactKey": several[2]},
+    ]
+    for step in ("evaluate", "register"):
+        assert artifact_source(tasks[step], "model") == (group, oneof), step
+
+
+def test_only_the_trainjob_task_gets_the_trainjob_settings(compiled):
+    """The TrainJob task hands its nodes the GPU, image and tolerations it does not hold itself
+    (SETTINGS_ENV); the single-node finetune never submits a TrainJob, so has none."""
+    variant, spec, platform, _ = compiled
+    settings = {}
+    for name in task_names(variant):
+        env = {e["name"]: e["value"] for e in executor(spec, platform, name)[0].get("env", [])}
+        assert (SETTINGS_ENV in env) == (name == TRAINJOB), name
+        settings |= env
+    if variant == "local":
+        return
+    nodes = NodeSettings(**json.loads(settings[SETTINGS_ENV]))
+    assert nodes.image.endswith("-cuda") == (variant == "gpu")
+    assert nodes.resources == {"cpu": "4", "memory": "16G"} | (
+        {"nvidia.com/gpu": 1} if variant == "gpu" else {}
+    )
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert nodes.tolerations == ([gpu_toleration] if variant == "gpu" else [])
+    assert {e["name"] for e in nodes.env} >= {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"}
+
+
 def test_run_id_reaches_every_task_without_breaking_the_cache(compiled):
     """finetune, evaluate and register take the run id as an input; clean and tokenize must not
     (it would change their cache key every run): on a cluster every step gets it from its pod's
     run-id label instead."""
     variant, spec, platform, _ = compiled
-    for name, task in spec["root"]["dag"]["tasks"].items():
+    for name, (_, task) in container_tasks(spec).items():
         parameters = task["inputs"]["parameters"]
         if name in ("clean", "tokenize"):
             assert "pipeline_run_id" not in parameters, name
@@ -97,21 +195,23 @@ def test_run_id_reaches_every_task_without_breaking_the_cache(compiled):
             value = parameters["pipeline_run_id"]["runtimeValue"]["constant"]
             assert value == "{{$.pipeline_job_uuid}}", name
         if variant != "local":
-            (env,) = executor_platform(platform, name)["fieldPathAsEnv"]
+            (env,) = executor(spec, platform, name)[1]["fieldPathAsEnv"]
             assert env == {"name": RUN_ID_ENV, "fieldPath": "metadata.labels['pipeline/runid']"}
 
 
 def test_caching_on_for_clean_and_tokenize_only(compiled):
-    _, spec, _, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
-    for step in STEPS:
+    variant, spec, _, _ = compiled
+    tasks = container_tasks(spec)
+    for step in task_names(variant):
         expected = {"enableCache": True} if step in ("clean", "tokenize") else {}
-        assert tasks[step]["cachingOptions"] == expected, step
+        assert tasks[step][1]["cachingOptions"] == expected, step
 
 
 def test_retries_with_backoff_on_the_cluster_only(compiled):
     variant, spec, _, _ = compiled
-    for step, task in spec["root"]["dag"]["tasks"].items():
+    tasks = container_tasks(spec)
+    assert set(tasks) == set(task_names(variant))
+    for step, (_, task) in tasks.items():
         if variant == "local":
             assert "retryPolicy" not in task, step
         else:
@@ -124,16 +224,21 @@ def test_retries_with_backoff_on_the_cluster_only(compiled):
 
 
 def test_images_and_gpu_request(compiled):
+    """Only the finetune task that trains in its own pod gets the CUDA image and the GPU; the
+    TrainJob task of the cluster variants runs in the CPU image without one."""
     variant, spec, platform, _ = compiled
-    executors = spec["deploymentSpec"]["executors"]
-    for name, executor in executors.items():
-        container = executor["container"]
+    assert len(spec["deploymentSpec"]["executors"]) == len(task_names(variant))
+    for name in task_names(variant):
+        container, kubernetes = executor(spec, platform, name)
         image = container["image"]
         assert image.startswith("ghcr.io/sftpipe/sftpipe:")
-        on_gpu = variant == "gpu" and name == "exec-finetune"
-        assert image.endswith("-cuda") == (name == "exec-finetune" and variant != "no-gpu")
+        assert image.endswith("-cuda") == (name == "finetune" and variant != "no-gpu"), name
+        on_gpu = variant == "gpu" and name == "finetune"
         assert ("accelerator" in container.get("resources", {})) == on_gpu, name
-    finetune = executors["exec-finetune"]["container"]
+        if name != "finetune":
+            assert "tolerations" not in kubernetes, name
+            assert "nodeSelector" not in kubernetes, name
+    finetune = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]
     tolerations = executor_platform(platform, "finetune").get("tolerations")
     if variant == "gpu":
         accelerator = finetune["resources"]["accelerator"]
@@ -146,32 +251,29 @@ def test_images_and_gpu_request(compiled):
         ]
     else:
         assert tolerations is None
-    for step in STEPS:
-        if step != "finetune":
-            assert "tolerations" not in executor_platform(platform, step)
-            assert "nodeSelector" not in executor_platform(platform, step)
 
 
 def test_resource_requests_on_the_cluster(compiled):
-    variant, spec, _, _ = compiled
-    executors = spec["deploymentSpec"]["executors"]
-    finetune = executors["exec-finetune"]["container"].get("resources", {})
-    evaluate = executors["exec-evaluate"]["container"].get("resources", {})
+    variant, spec, platform, _ = compiled
+    finetune = executor(spec, platform, "finetune")[0].get("resources", {})
+    evaluate = executor(spec, platform, "evaluate")[0].get("resources", {})
     if variant == "local":
         assert "resourceCpuRequest" not in finetune and "resourceMemoryRequest" not in evaluate
     else:
         assert (finetune["resourceCpuRequest"], finetune["resourceMemoryRequest"]) == ("4", "16G")
         assert evaluate["resourceMemoryRequest"] == "8G"
+        trainjob = executor(spec, platform, TRAINJOB)[0]["resources"]
+        assert (trainjob["resourceCpuRequest"], trainjob["resourceMemoryRequest"]) == ("500m", "1G")
 
 
 def test_settings_come_from_secret_and_config_map_references(compiled):
-    variant, _, platform, _ = compiled
+    variant, spec, platform, _ = compiled
     if variant == "local":
         assert platform == {}
         return
-    for step in STEPS:
-        executor = executor_platform(platform, step)
-        secrets = {s["secretName"]: s for s in executor["secretAsEnv"]}
+    for step in task_names(variant):
+        kubernetes = executor(spec, platform, step)[1]
+        secrets = {s["secretName"]: s for s in kubernetes["secretAsEnv"]}
         s3 = secrets["sftpipe-s3"]
         assert s3["optional"] is False
         assert {k["envVar"]: k["secretKey"] for k in s3["keyToEnv"]} == {
@@ -181,7 +283,7 @@ def test_settings_come_from_secret_and_config_map_references(compiled):
         mlflow = secrets["sftpipe-mlflow"]
         assert mlflow["optional"] is True
         assert {k["envVar"] for k in mlflow["keyToEnv"]} >= {"MLFLOW_TRACKING_PASSWORD"}
-        maps = executor["configMapAsEnv"]
+        maps = kubernetes["configMapAsEnv"]
         required = [m for m in maps if not m["optional"]]
         optional = [m for m in maps if m["optional"]]
         assert {m["configMapName"] for m in maps} == {"sftpipe-env"}
@@ -221,7 +323,7 @@ def test_scheduling_options_reach_finetune(tmp_path_factory):
         s3_secret="",
         image_pull_policy="IfNotPresent",
         retries=0,
-        cpu_requests={"finetune": "8", "clean": "500m"},
+        cpu_requests={"finetune": "8", "clean": "500m", "finetune-driver": "1"},
     )
     documents = list(yaml.safe_load_all(compile_yaml(tmp_path_factory, options)))
     spec, platform = documents[0], documents[1]["platforms"]["kubernetes"]
@@ -231,17 +333,32 @@ def test_scheduling_options_reach_finetune(tmp_path_factory):
     assert finetune["resourceCpuRequest"] == "8"
     clean = spec["deploymentSpec"]["executors"]["exec-clean"]["container"]["resources"]
     assert clean["resourceCpuRequest"] == "500m"
-    executor = executor_platform(platform, "finetune")
-    assert executor["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
-    assert executor["tolerations"] == [
+    executor_settings = executor_platform(platform, "finetune")
+    assert executor_settings["nodeSelector"] == {
+        "labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    }
+    tolerations = [
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
         {"key": "gpu", "operator": "Exists"},
     ]
-    for step in STEPS:
-        assert executor_platform(platform, step)["imagePullPolicy"] == "IfNotPresent"
-        names = {s["secretName"] for s in executor_platform(platform, step)["secretAsEnv"]}
-        assert names == {"sftpipe-mlflow"}  # no S3 secret asked for
-        assert "retryPolicy" not in spec["root"]["dag"]["tasks"][step]
+    assert executor_settings["tolerations"] == tolerations
+    # The TrainJob task is scheduled anywhere, without a GPU; its nodes get what finetune gets.
+    container, kubernetes = executor(spec, platform, TRAINJOB)
+    assert "accelerator" not in container["resources"]
+    assert container["resources"]["resourceCpuRequest"] == "1"
+    assert "nodeSelector" not in kubernetes and "tolerations" not in kubernetes
+    (settings,) = [e["value"] for e in container["env"] if e["name"] == SETTINGS_ENV]
+    nodes = NodeSettings(**json.loads(settings))
+    assert nodes.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert nodes.tolerations == tolerations
+    assert nodes.resources == {"nvidia.com/mig-1g.10gb": 2, "cpu": "8", "memory": "16G"}
+    tasks = container_tasks(spec)
+    for step in task_names("gpu"):
+        kubernetes = executor(spec, platform, step)[1]
+        assert kubernetes["imagePullPolicy"] == "IfNotPresent", step
+        names = {s["secretName"] for s in kubernetes["secretAsEnv"]}
+        assert names == {"sftpipe-mlflow"}, step  # no S3 secret asked for
+        assert "retryPolicy" not in tasks[step][1], step
     assert "leaked" not in json.dumps(documents)
 
 
@@ -252,6 +369,7 @@ def test_scheduling_options_reach_finetune(tmp_path_factory):
         ({"retries": -1}, "retries"),
         ({"image_pull_policy": "Sometimes"}, "image_pull_policy"),
         ({"memory_requests": {"train": "1G"}}, "unknown step"),
+        ({"cpu_requests": {"driver": "1"}}, "unknown step"),
     ],
 )
 def test_bad_options_are_refused(kwargs, message):
