@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import classify, distributed, lean_layers, lm, lora, models, storage
+from sftpipe import classify, distributed, dropout_attention, lean_layers, lm, lora, models, storage
 from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
@@ -203,6 +203,7 @@ def load_model(
     model = model.to(device) if config.method != "qlora" else model
     if config.lean_layers:
         lean_layers.apply(model)
+        dropout_attention.use(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         checkpoint_some_blocks(model, config.gradient_checkpointing_every)
