@@ -155,3 +155,27 @@ def test_left_alone_without_dropout_or_in_eval(calls):
     model.eval()  # no dropout: transformers' SDPA attention
     model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
     assert not calls
+
+
+def test_gradient_checkpointing_replays_the_same_dropout():
+    """Recomputing a block in backward must draw the same keep mask as its forward did."""
+
+    def gradients(checkpointing: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+            resid_pdrop=0, embd_pdrop=0,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(config)
+        assert dropout_attention.use(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        ids = torch.randint(0, 100, (2, 16))
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain = gradients(False)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(gradients(True), plain, rtol=0, atol=1e-6)
