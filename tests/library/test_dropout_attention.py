@@ -105,16 +105,22 @@ def calls(monkeypatch) -> list[int]:
     return seen
 
 
-def test_gpt2_packed_samples_stay_apart(calls, tmp_path):
+def _with_stock_twin(model_class, config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A model in training mode on the fast attention with nothing dropped (a drop probability
+    that rounds to no dropped level), and the same weights on stock SDPA in eval mode."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    model = GPT2LMHeadModel(config)
-    stock = GPT2LMHeadModel(config).eval()
+    model = model_class(config)
+    stock = model_class(config).eval()
     stock.load_state_dict(model.state_dict())
     assert dropout_attention.use(model)
     model.train()
-    # a drop probability that rounds to no dropped level: the fast path, with nothing dropped
     _set_dropout(model, 1e-9)
+    return model, stock
+
+
+def test_gpt2_packed_samples_stay_apart(calls, tmp_path):
+    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model, stock = _with_stock_twin(GPT2LMHeadModel, config)
     ids = torch.randint(0, 100, (1, 9))
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
     packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
@@ -127,17 +133,11 @@ def test_gpt2_packed_samples_stay_apart(calls, tmp_path):
 
 
 def test_bert_padding_mask(calls):
-    torch.manual_seed(0)
     config = BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3,
     )  # fmt: skip
-    model = BertForSequenceClassification(config)
-    stock = BertForSequenceClassification(config).eval()
-    stock.load_state_dict(model.state_dict())
-    assert dropout_attention.use(model)
-    model.train()
-    _set_dropout(model, 1e-9)
+    model, stock = _with_stock_twin(BertForSequenceClassification, config)
     ids = torch.randint(0, 100, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
