@@ -205,21 +205,12 @@ def load_model(
         lean_layers.apply(model)
         dropout_attention.use(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        checkpoint_some_blocks(model, config.gradient_checkpointing_every)
+        model.activation_checkpointing_enable(
+            {"use_reentrant": False}, every_n_layers=config.gradient_checkpointing_every
+        )
     if config.method in ("lora", "qlora"):
         model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
     return model
-
-
-def checkpoint_some_blocks(model: Any, every: int) -> None:
-    """Keep gradient checkpointing on every `every`-th transformer block only: a dial between
-    memory and speed (bench-train figures in the README)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, block in enumerate(blocks):
-        block.gradient_checkpointing = index % every == 0
 
 
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:

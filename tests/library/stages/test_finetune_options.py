@@ -65,14 +65,13 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, token
 
 
 def test_checkpointing_every_nth_block(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every=2)
+    cpu = torch.device("cpu")
+    model = finetune.load_model(config, tiny_model_dir, str(tiny_model_dir), None, cpu)
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(blocks) >= 2
-    finetune.checkpoint_some_blocks(model, 2)
     assert [b.gradient_checkpointing for b in blocks] == [i % 2 == 0 for i in range(len(blocks))]
 
 
