@@ -170,7 +170,7 @@ def test_gradient_checkpointing_replays_the_same_dropout():
         assert dropout_attention.use(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         ids = torch.randint(0, 100, (2, 16))
         torch.manual_seed(1)
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
