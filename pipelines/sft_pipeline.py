@@ -86,9 +86,13 @@ def _clean_in_shards(values: dict[str, Any], cluster: ClusterOptions, on_cluster
 
 
 def _finetune_on_cluster(
-    num_nodes: Any, component: Any, finetune_task: Callable[[Any, str, str], Any]
+    num_nodes: Any,
+    component: Any,
+    driver: Any,
+    finetune_task: Callable[[Any, str, str], Any],
 ) -> Any:
-    """The fine-tuned model from one of two finetune tasks, by the `num_nodes` parameter;
+    """The fine-tuned model from one of two finetune tasks, by the `num_nodes` parameter:
+    `component` trains, `driver` (finetune in the CPU image) submits a TrainJob;
     `finetune_task(component, display name, ClusterOptions step)` makes one and returns its model.
 
     With num_nodes > 1 the step trains nothing itself: it submits a Kubeflow Trainer TrainJob,
@@ -105,7 +109,6 @@ def _finetune_on_cluster(
     # Not "driver" in the display name: `sftpipe submit --wait` hides tasks named so (KFP's own
     # driver pods, see sftpipe.kfp_submit.task_states).
     with dsl.Else(name="num_nodes > 1"):
-        driver = _in_image(finetune, CPU_IMAGE)
         several = finetune_task(driver, "finetune: TrainJob", FINETUNE_DRIVER)
     # Needs a KFP backend that resolves an artifact OneOf by the branch that ran
     # (kubeflow/pipelines#13436, fixed after 2.16.0; docker/k8s pins 2.17.3).
@@ -120,9 +123,8 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
     submit a TrainJob from a "driver" task that holds no GPU (see `_finetune_on_cluster`).
     """
     signature = parameters()
-    finetune_component = finetune
-    if cluster is not None and not cluster.gpu:
-        finetune_component = _in_image(finetune, CPU_IMAGE)
+    cpu_finetune = _in_image(finetune, CPU_IMAGE)
+    finetune_component = cpu_finetune if cluster is not None and not cluster.gpu else finetune
 
     def on_cluster(task: Any, step: str) -> Any:
         if cluster is not None:
@@ -161,7 +163,9 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         if cluster is None:  # the local runner refuses num_nodes > 1 (sftpipe.trainjob)
             model = finetune_task(finetune_component, "finetune", "finetune")
         else:
-            model = _finetune_on_cluster(values["num_nodes"], finetune_component, finetune_task)
+            model = _finetune_on_cluster(
+                values["num_nodes"], finetune_component, cpu_finetune, finetune_task
+            )
 
         evaluate_task = evaluate(
             model=model,

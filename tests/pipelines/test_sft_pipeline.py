@@ -63,10 +63,6 @@ def artifact_source(task, name):
     return ref["producerTask"], ref["outputArtifactKey"]
 
 
-def executor_platform(platform, step):
-    return platform.get("deploymentSpec", {}).get("executors", {}).get(f"exec-{step}", {})
-
-
 def container_tasks(spec):
     """Display name -> (task name, task) of every task that runs a container, those inside
     condition branches included."""
@@ -239,7 +235,7 @@ def test_images_and_gpu_request(compiled):
             assert "tolerations" not in kubernetes, name
             assert "nodeSelector" not in kubernetes, name
     finetune = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]
-    tolerations = executor_platform(platform, "finetune").get("tolerations")
+    tolerations = executor(spec, platform, "finetune")[1].get("tolerations")
     if variant == "gpu":
         accelerator = finetune["resources"]["accelerator"]
         assert (accelerator["resourceType"], accelerator["resourceCount"]) == (
@@ -333,7 +329,7 @@ def test_scheduling_options_reach_finetune(tmp_path_factory):
     assert finetune["resourceCpuRequest"] == "8"
     clean = spec["deploymentSpec"]["executors"]["exec-clean"]["container"]["resources"]
     assert clean["resourceCpuRequest"] == "500m"
-    executor_settings = executor_platform(platform, "finetune")
+    executor_settings = executor(spec, platform, "finetune")[1]
     assert executor_settings["nodeSelector"] == {
         "labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     }
