@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from sftpipe import chat_templates, formats, models, packing, parallel, storage
+from sftpipe.byte_level import ByteLevelEncoder
 from sftpipe.chat_templates import assistant_spans, render, token_ranges
 from sftpipe.config import TokenizeConfig
 from sftpipe.errors import SftpipeError
@@ -516,7 +517,7 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
         texts.append(text)
         spans.append(row_spans)
         at.append(index)
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = _encode_batch(texts, spans)
     for index, encoding, row_spans in zip(at, encodings, spans, strict=True):
         row, ids = rows[index], encoding.ids
         labels = labels_for(ids, token_ranges(encoding, row_spans))
@@ -550,6 +551,29 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
             messages=json.dumps(row["messages"], ensure_ascii=False) if keep_messages else "",
         )
     return out  # type: ignore[return-value]
+
+
+def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Any]:
+    """The Rust tokenizer's encodings, or the byte-level encoder's (`sftpipe.byte_level`) when
+    the tokenizer has one and it agrees with the Rust tokenizer on the batch's first text (ids
+    and label ranges): a disagreement, which the tests say cannot happen, costs speed only."""
+    backend, fast = _WORKER["tokenizer"].backend_tokenizer, _WORKER["byte_level"]
+    if fast is None or not texts:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    encodings = fast.encode_batch(texts)
+    reference = backend.encode(texts[0], add_special_tokens=False)
+    if reference.ids == encodings[0].ids and token_ranges(reference, spans[0]) == token_ranges(
+        encodings[0], spans[0]
+    ):
+        return encodings
+    if not _WORKER.get("warned"):
+        _WORKER["warned"] = True
+        print(
+            "[tokenize] WARNING: the fast byte-level encoder disagrees with the tokenizer; "
+            "using the tokenizer for this batch (please report it)",
+            flush=True,
+        )
+    return backend.encode_batch(texts, add_special_tokens=False)
 
 
 def _line_batches(path: str | Path) -> Iterator[list[str]]:
@@ -607,6 +631,7 @@ def _run_chat(
 
     _WORKER.update(
         tokenizer=tokenizer,
+        byte_level=ByteLevelEncoder.for_tokenizer(tokenizer),
         renderer=chat_templates.Renderer(tokenizer),
         max_length=config.max_length,
         drop=config.truncation == "drop",
