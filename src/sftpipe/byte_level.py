@@ -57,7 +57,7 @@ class _Word:
     """A pre-token's (or an added token's) ids and each token's [start, end) offsets relative
     to the pre-token's start."""
 
-    __slots__ = ("ids", "starts", "ends")
+    __slots__ = ("ends", "ids", "starts")
 
     def __init__(self, ids: tuple[int, ...], starts: tuple[int, ...], ends: tuple[int, ...]):
         self.ids, self.starts, self.ends = ids, starts, ends
@@ -92,7 +92,7 @@ class Encoding:
     what `chat_templates.token_ranges` and the stage read of a `tokenizers.Encoding` (ids,
     `char_to_token`, `token_to_chars` in characters)."""
 
-    __slots__ = ("ids", "_pieces", "_parts", "_char_starts", "_token_starts")
+    __slots__ = ("_char_starts", "_parts", "_pieces", "_token_starts", "ids")
 
     def __init__(self, pieces: list[Any], parts: list[str]) -> None:
         self._pieces, self._parts = pieces, parts  # parts[i]: the text of pieces[i]

@@ -500,7 +500,7 @@ def _to_validation(group: str) -> bool:
 
 def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
     """Render, tokenize, label and split a batch of cleaned rows (in a worker or here)."""
-    tokenizer, renderer = _WORKER["tokenizer"], _WORKER["renderer"]
+    renderer = _WORKER["renderer"]
     max_length, drop, unknown = _WORKER["max_length"], _WORKER["drop"], _WORKER["unknown"]
     renderer.new_batch()
     rows = [json.loads(line) for line in lines]
