@@ -51,6 +51,11 @@ def _byte_level_ascii() -> dict[int, str]:
 
 
 _TO_BYTE_LEVEL = str.maketrans(_byte_level_ascii())
+# What the ByteLevel post-processor trims off a token's ends: the byte-level space, and what
+# Rust's `char::is_whitespace` calls whitespace (Unicode White_Space; not \x1c-\x1f, which
+# Python's isspace includes), found only in added tokens (byte-level tokens have none).
+_TRIMMED = "Ġ\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+_TRIMMED += "\u2028\u2029\u202f\u205f\u3000"
 
 
 class _Word:
@@ -174,7 +179,7 @@ class ByteLevelEncoder:
         # Longest first: at one position the tokenizer takes the longest added token.
         names = sorted(added, key=len, reverse=True)
         self.split_added = re.compile("(" + "|".join(map(re.escape, names)) + ")").split
-        self.added = {name: _Word((i,), (0,), (len(name),)) for name, i in added.items()}
+        self.added = {name: self._added_word(name, i) for name, i in added.items()}
         self.cache = _Cache(self._word)
 
     @classmethod
@@ -200,11 +205,28 @@ class ByteLevelEncoder:
         added = spec.get("added_tokens", [])
         if any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in added) or not added:
             return None
+        if len({t["normalized"] for t in added}) > 1:
+            return None  # Rust splits at the non-normalized ones first, wherever the others are
         return cls(backend, {t["content"]: t["id"] for t in added}, trims)
 
+    def _added_word(self, content: str, token_id: int) -> _Word:
+        starts, ends = (0,), (len(content),)
+        if self.trim_offsets:  # Rust trims the whitespace at an added token's ends too
+            starts, ends = _trim([content], starts, ends)
+        return _Word((token_id,), starts, ends)
+
     def _word(self, word: str) -> _Word:
-        tokens = self.backend.model.tokenize(word.translate(_TO_BYTE_LEVEL))
+        byte_level = word.translate(_TO_BYTE_LEVEL)
+        tokens = self.backend.model.tokenize(byte_level)
         values = [t.value for t in tokens]
+        if "".join(values) != byte_level:
+            # The vocabulary lacks some of its bytes (SmolLM2 has no \x04, for one), which the
+            # model drops or makes unknown tokens, and Rust's offsets then follow rules of
+            # their own (from byte lengths): take them from Rust, for this pre-token alone.
+            encoding = self.backend.encode(word, add_special_tokens=False)
+            starts = tuple(start for start, _ in encoding.offsets)
+            ends = tuple(end for _, end in encoding.offsets)
+            return _Word(tuple(encoding.ids), starts, ends)
         ends = tuple(itertools.accumulate(map(len, values)))
         starts = (0, *ends[:-1])
         if self.trim_offsets:
@@ -247,11 +269,11 @@ def _trim(
     values: list[str], starts: tuple[int, ...], ends: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ByteLevel post-processor's offset trimming (without prefix spaces): leading and
-    trailing spaces (Ġ) come off each token's offsets."""
+    trailing spaces (Ġ, or whitespace in an added token) come off each token's offsets."""
     trimmed_starts, trimmed_ends = [], []
     for value, start, end in zip(values, starts, ends, strict=True):
-        leading = len(value) - len(value.lstrip("Ġ"))
-        trailing = len(value) - len(value.rstrip("Ġ"))
+        leading = len(value) - len(value.lstrip(_TRIMMED))
+        trailing = len(value) - len(value.rstrip(_TRIMMED))
         if leading:
             start = min(start + leading, end)
         if trailing:
