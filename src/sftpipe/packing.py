@@ -79,24 +79,32 @@ class PackedRow:
 
 
 def pack(samples: Sequence[Sample], max_length: int) -> Iterator[PackedRow]:
-    """Pack `samples` (each at most max_length tokens) into rows."""
+    """Pack `samples` (each at most max_length tokens) into rows: the rows' tokens are laid out
+    in one array per column, and each row is a view of its stretch."""
     lengths = [len(s.input_ids) for s in samples]
-    for members in best_fit_decreasing(lengths, max_length):
-        parts = [samples[i] for i in members]
-        labels = np.concatenate([s.labels for s in parts]).astype(np.int32)
-        offset = 0
-        for s in parts:  # never predict a sample's first token from the previous sample
-            labels[offset] = IGNORE_INDEX
-            offset += len(s.input_ids)
+    bins = best_fit_decreasing(lengths, max_length)
+    if not bins:
+        return
+    order = [samples[i] for members in bins for i in members]
+    sizes = np.array([len(s.input_ids) for s in order], dtype=np.int64)
+    starts = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    input_ids = np.concatenate([s.input_ids for s in order]).astype(np.int32, copy=False)
+    labels = np.concatenate([s.labels for s in order]).astype(np.int32, copy=False)
+    labels[starts[:-1]] = IGNORE_INDEX  # never predict a sample's first token from the previous
+    position_ids = (np.arange(starts[-1]) - np.repeat(starts[:-1], sizes)).astype(np.int32)
+    first = 0
+    for members in bins:
+        last = first + len(members)
+        begin, end = starts[first], starts[last]
         yield PackedRow(
-            id=hashlib.sha256("\n".join(s.id for s in parts).encode()).hexdigest()[:32],
-            input_ids=np.concatenate([s.input_ids for s in parts]).astype(np.int32),
-            labels=labels,
-            position_ids=np.concatenate(
-                [np.arange(len(s.input_ids), dtype=np.int32) for s in parts]
-            ),
-            num_samples=len(parts),
+            id=hashlib.sha256("\n".join(s.id for s in order[first:last]).encode()).hexdigest()[:32],
+            input_ids=input_ids[begin:end],
+            labels=labels[begin:end],
+            position_ids=position_ids[begin:end],
+            num_samples=len(members),
         )
+        first = last
 
 
 class Packer:

@@ -188,7 +188,8 @@ def _batches(path: str | Path) -> Iterator[list[dict[str, Any]]]:
 
 def _split_chat(path: str | Path, fraction: float, where: str) -> tuple[set[str], set[str]]:
     """Groups forced to validation / to train, so that both sides get rows even when the
-    hash puts everything on one side (tiny data)."""
+    hash puts everything on one side (tiny data). Reads only until both sides have a row
+    (a few rows on real data): then nothing is forced."""
     low: tuple[float, str] | None = None
     high: tuple[float, str] | None = None
     sides = collections.Counter()
@@ -197,6 +198,8 @@ def _split_chat(path: str | Path, fraction: float, where: str) -> tuple[set[str]
         groups += 1
         value = _hash_fraction(group)
         sides[value < fraction] += 1
+        if sides[True] and sides[False]:
+            return set(), set()
         low = min(low, (value, group)) if low else (value, group)
         high = max(high, (value, group)) if high else (value, group)
     if groups == 0:
