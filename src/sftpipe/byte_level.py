@@ -27,30 +27,41 @@ import json
 import operator
 import re
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _SPACE = r"\t\n\x0b\x0c\r "
-_ASCII_SPLIT = re.compile(
-    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+"
+# Beyond ASCII, characters whose Unicode category is the same in every Unicode version the
+# tokenizer's regex engine may know, and that Chinese text is mostly made of: the CJK unified
+# ideographs assigned since Unicode 11 (letters) and common full-width punctuation (neither
+# letters, numbers nor spaces).
+_CJK = "\u4e00-\u9fef"
+_CJK_PUNCTUATION = (
+    "\u2018\u2019\u201c\u201d\u3001\u3002\u300a\u300b\uff01\uff08\uff09\uff0c\uff1a\uff1b\uff1f"
+)
+_KNOWN = re.compile(rf"[\x00-\x7f{_CJK}{_CJK_PUNCTUATION}]*").fullmatch
+_CJK_WORD = re.compile(rf" ?[{_CJK}]+").fullmatch
+# The GPT-2 regex for text of those characters.
+_SPLIT = re.compile(
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z{_CJK}]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9{_CJK}]+"
     rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
 )
 _IDS = operator.attrgetter("ids")
+_WALK = 8  # pieces walked from a segment's start before working the whole segment out
 _CACHE_LIMIT = 1 << 20  # pre-tokens kept (English chat data has far fewer distinct words)
 
 
-def _byte_level_ascii() -> dict[int, str]:
-    """GPT-2's byte -> character map, for the ASCII bytes: printable ones stand for
-    themselves, the others (controls, space) for 256 + their rank among those."""
-    printable = set(range(ord("!"), ord("~") + 1))
-    others = [b for b in range(256) if b not in printable and not (0xA1 <= b <= 0xFF and b != 0xAD)]
-    mapping = {b: chr(b) for b in printable}
-    mapping |= {b: chr(256 + rank) for rank, b in enumerate(others) if b < 128}
-    return mapping
+def _byte_level() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable bytes stand for themselves, the others
+    (controls, space, ...) for 256 + their rank among those."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + r) for r, b in enumerate(others)}
 
 
-_TO_BYTE_LEVEL = str.maketrans(_byte_level_ascii())
+_TO_BYTE_LEVEL = str.maketrans({b: c for b, c in _byte_level().items() if b < 128})
+_BYTE_OF = {c: b for b, c in _byte_level().items()}
 # What the ByteLevel post-processor trims off a token's ends: the byte-level space, and what
 # Rust's `char::is_whitespace` calls whitespace (Unicode White_Space; not \x1c-\x1f, which
 # Python's isspace includes), found only in added tokens (byte-level tokens have none).
@@ -95,37 +106,61 @@ class _Segment:
 class Encoding:
     """Pieces that tile a text (pre-tokens, added tokens, Rust-encoded runs), as one encoding:
     what `chat_templates.token_ranges` and the stage read of a `tokenizers.Encoding` (ids,
-    `char_to_token`, `token_to_chars` in characters)."""
+    `char_to_token`, `token_to_chars` in characters).
 
-    __slots__ = ("_char_starts", "_parts", "_pieces", "_token_starts", "ids")
+    The pieces come in segments (the runs between added tokens, and the added tokens), whose
+    starts in characters and tokens are known; where the pieces of a segment start is worked
+    out only for the segments that labels ask about."""
 
-    def __init__(self, pieces: list[Any], parts: list[str]) -> None:
-        self._pieces, self._parts = pieces, parts  # parts[i]: the text of pieces[i]
-        self.ids = list(itertools.chain.from_iterable(map(_IDS, pieces)))
-        self._char_starts: list[int] = []
+    __slots__ = ("_char_starts", "_inner", "_parts", "_pieces", "_segments", "_token_starts", "ids")
 
-    def _locate(self) -> None:
-        """Where each piece starts, in characters and in tokens (needed for labels only)."""
-        if not self._char_starts:
-            self._char_starts = list(itertools.accumulate(map(len, self._parts), initial=0))
-            counts = map(len, map(_IDS, self._pieces))
-            self._token_starts = list(itertools.accumulate(counts, initial=0))
+    def __init__(self, ids: list[int], pieces: list[Any], parts: list[str], marks: list[Any]):
+        self.ids, self._pieces, self._parts = ids, pieces, parts  # parts[i]: pieces[i]'s text
+        # marks: (first piece, first character, first token) of each segment, and the end.
+        self._segments, self._char_starts, self._token_starts = map(list, zip(*marks, strict=True))
+        self._inner: dict[int, tuple[list[int], list[int]]] = {}
+
+    def _piece(self, segment: int, char: int = -1, token: int = -1) -> tuple[int, int, int]:
+        """The piece of `segment` that holds character `char`, or token `token`: its index, and
+        its first character and token. Labels ask about the first few pieces of a segment (a
+        reply starts after its role header), so those are walked; further in, the whole
+        segment is worked out once."""
+        first, stop = self._segments[segment], self._segments[segment + 1]
+        at_char, at_token = self._char_starts[segment], self._token_starts[segment]
+        for index in range(first, min(stop, first + _WALK)):
+            length, count = len(self._parts[index]), len(self._pieces[index].ids)
+            if char < at_char + length if char >= 0 else token < at_token + count:
+                return index, at_char, at_token
+            at_char, at_token = at_char + length, at_token + count
+        if segment not in self._inner:
+            lengths = map(len, self._parts[first:stop])
+            counts = map(len, map(_IDS, self._pieces[first:stop]))
+            self._inner[segment] = (
+                list(itertools.accumulate(lengths, initial=self._char_starts[segment])),
+                list(itertools.accumulate(counts, initial=self._token_starts[segment])),
+            )
+        char_starts, token_starts = self._inner[segment]
+        if char >= 0:
+            at = bisect_right(char_starts, char) - 1
+        else:
+            at = bisect_right(token_starts, token) - 1
+        return first + at, char_starts[at], token_starts[at]
 
     def token_to_chars(self, token: int) -> tuple[int, int]:
-        self._locate()
-        at = bisect_right(self._token_starts, token) - 1
-        start, end = self._pieces[at].token_to_chars(token - self._token_starts[at])
-        return self._char_starts[at] + start, self._char_starts[at] + end
+        segment = bisect_right(self._token_starts, token) - 1
+        index, at_char, at_token = self._piece(segment, token=token)
+        start, end = self._pieces[index].token_to_chars(token - at_token)
+        return at_char + start, at_char + end
 
     def char_to_token(self, char: int) -> int | None:
         """The first token whose offsets contain `char`: one of its piece's (a token's offsets
         lie within its piece)."""
-        self._locate()
-        at = bisect_right(self._char_starts, char) - 1
-        if not 0 <= at < len(self._pieces):
+        segment = bisect_right(self._char_starts, char) - 1
+        if not 0 <= segment < len(self._segments) - 1:
             return None
-        token = self._pieces[at].char_to_token(char - self._char_starts[at])
-        return None if token is None else self._token_starts[at] + token
+        index, at_char, at_token = self._piece(segment, char=char)
+        token = self._pieces[index].char_to_token(char - at_char)
+        return None if token is None else at_token + token
 
 
 def _pre_tokenizer_is_gpt2(spec: dict[str, Any] | None) -> bool:
@@ -169,13 +204,46 @@ class _Cache(dict):
         return encoded
 
 
+def _cjk_chunker(vocab: Iterable[str]) -> Callable[[str], list[str]]:
+    """Splits a CJK word (an optional space, then ideographs) into the pieces that BPE encodes
+    on their own: between any two characters, except where a token of the vocabulary holds the
+    last byte of the first followed by the first byte of the second (only there can a merge
+    cross). Chinese words are new strings every time; their characters are not."""
+    pairs: set[tuple[int, int]] = set()
+    for token in vocab:
+        if all(c in _BYTE_OF for c in token):  # a byte-level token, not an added one
+            raw = bytes(_BYTE_OF[c] for c in token)
+            pairs.update(itertools.pairwise(raw))
+    ideographs = range(0x4E00, 0x9FF0)
+    joins: dict[int, set[int]] = {}  # last byte of a first character -> first bytes that join
+    for last, first in pairs:
+        if 0xE4 <= first <= 0xE9 and (last == 0x20 or 0x80 <= last <= 0xBF):
+            joins.setdefault(last, set()).add(first)
+    alternatives = []
+    for last, firsts in sorted(joins.items()):
+        ends = (
+            " " if last == 0x20 else "".join(chr(c) for c in ideographs if c & 0x3F == last & 0x3F)
+        )
+        starts = "".join(
+            f"{chr(max(ideographs.start, (f & 0x0F) << 12))}-"
+            f"{chr(min(ideographs.stop - 1, ((f & 0x0F) << 12) + 0xFFF))}"
+            for f in sorted(firsts)
+        )
+        alternatives.append(f"[{ends}](?=[{starts}])")
+    # A piece: characters that each join the next, then one more.
+    return re.compile("(?:" + "|".join(alternatives) + ")*." if alternatives else ".").findall
+
+
 class ByteLevelEncoder:
     """`encode_batch(texts)` with the ids and offsets of `tokenizer.backend_tokenizer.
     encode_batch(texts, add_special_tokens=False)`; build it with `for_tokenizer`."""
 
-    def __init__(self, backend: Any, added: dict[str, int], trim_offsets: bool) -> None:
+    def __init__(
+        self, backend: Any, added: dict[str, int], trim_offsets: bool, vocab: Iterable[str]
+    ) -> None:
         self.backend = backend
         self.trim_offsets = trim_offsets
+        self.cjk_chunks = _cjk_chunker(vocab)
         # Longest first: at one position the tokenizer takes the longest added token.
         names = sorted(added, key=len, reverse=True)
         self.split_added = re.compile("(" + "|".join(map(re.escape, names)) + ")").split
@@ -207,7 +275,7 @@ class ByteLevelEncoder:
             return None
         if len({t["normalized"] for t in added}) > 1:
             return None  # Rust splits at the non-normalized ones first, wherever the others are
-        return cls(backend, {t["content"]: t["id"] for t in added}, trims)
+        return cls(backend, {t["content"]: t["id"] for t in added}, trims, model["vocab"])
 
     def _added_word(self, content: str, token_id: int) -> _Word:
         starts, ends = (0,), (len(content),)
@@ -217,12 +285,13 @@ class ByteLevelEncoder:
 
     def _word(self, word: str) -> _Word:
         byte_level = word.translate(_TO_BYTE_LEVEL)
-        tokens = self.backend.model.tokenize(byte_level)
+        tokens = self.backend.model.tokenize(byte_level) if word.isascii() else []
         values = [t.value for t in tokens]
-        if "".join(values) != byte_level:
-            # The vocabulary lacks some of its bytes (SmolLM2 has no \x04, for one), which the
-            # model drops or makes unknown tokens, and Rust's offsets then follow rules of
-            # their own (from byte lengths): take them from Rust, for this pre-token alone.
+        if "".join(values) != byte_level or not word.isascii():
+            # Not ASCII (offsets in characters, not bytes), or the vocabulary lacks some of its
+            # bytes (SmolLM2 has no \x04, for one), which the model drops or makes unknown
+            # tokens, and Rust's offsets then follow rules of their own (from byte lengths):
+            # take them from Rust, for this pre-token alone.
             encoding = self.backend.encode(word, add_special_tokens=False)
             starts = tuple(start for start, _ in encoding.offsets)
             ends = tuple(end for _, end in encoding.offsets)
@@ -235,34 +304,60 @@ class ByteLevelEncoder:
 
     def encode_batch(self, texts: list[str]) -> list[Encoding]:
         """One encoding per text."""
-        lookup, added, split_words = self.cache.__getitem__, self.added, _ASCII_SPLIT.findall
-        plans: list[tuple[list[Any], list[str]]] = []
-        rust: list[str] = []  # the pieces that are not all ASCII
+        lookup, added, split_words = self.cache.__getitem__, self.added, _SPLIT.findall
+        plans: list[tuple[list[Any], list[str], list[tuple[int, int]]]] = []
+        rust: list[str] = []  # the pieces neither ASCII nor of the known CJK characters
         holes: list[tuple[list[Any], int]] = []  # where each of them goes
         for text in texts:
             pieces: list[Any] = []
             parts: list[str] = []
-            for position, part in enumerate(self.split_added(text)):
+            marks: list[tuple[int, int]] = []  # (first piece, first character) of each segment
+            position = 0
+            for index, part in enumerate(self.split_added(text)):
                 if not part:
                     continue
-                if position % 2:  # an added token
+                marks.append((len(pieces), position))
+                position += len(part)
+                if index % 2:  # an added token
                     pieces.append(added[part])
                 elif part.isascii():
                     words = split_words(part)
                     pieces += map(lookup, words)
                     parts += words
                     continue
+                elif _KNOWN(part):
+                    for word in split_words(part):
+                        if _CJK_WORD(word):
+                            chunks = self.cjk_chunks(word)
+                            pieces += map(lookup, chunks)
+                            parts += chunks
+                        else:
+                            pieces.append(lookup(word))
+                            parts.append(word)
+                    continue
                 else:
                     holes.append((pieces, len(pieces)))
                     pieces.append(None)
                     rust.append(part)
                 parts.append(part)
-            plans.append((pieces, parts))
+            marks.append((len(pieces), position))
+            plans.append((pieces, parts, marks))
         if rust:
             encoded = self.backend.encode_batch(rust, add_special_tokens=False)
             for (pieces, at), encoding in zip(holes, encoded, strict=True):
                 pieces[at] = _Segment(encoding)
-        return [Encoding(pieces, parts) for pieces, parts in plans]
+        return [_assemble(pieces, parts, marks) for pieces, parts, marks in plans]
+
+
+def _assemble(pieces: list[Any], parts: list[str], marks: list[tuple[int, int]]) -> Encoding:
+    """The text's ids, segment by segment, noting where each segment's tokens start."""
+    ids: list[int] = []
+    located = []
+    for (first, char), (stop, _) in itertools.pairwise(marks):
+        located.append((first, char, len(ids)))
+        ids += itertools.chain.from_iterable(map(_IDS, pieces[first:stop]))
+    located.append((*marks[-1], len(ids)))
+    return Encoding(ids, pieces, parts, located)
 
 
 def _trim(
