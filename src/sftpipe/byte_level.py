@@ -1,23 +1,28 @@
 """Exact and faster encoding for GPT-2-style byte-level BPE tokenizers (SmolLM2, GPT-2, ...).
 
 The Rust tokenizer spends most of its time per token (regex, byte mapping, cache lookup, a
-string and offsets per token) even when every word is a cache hit. Chat data repeats the same
-few thousand English words endlessly, so `ByteLevelEncoder` does for ASCII text what the
-tokenizer does, with the regex in Python and a dictionary from each pre-token to its token ids:
+string and offsets per token) even when every word is a cache hit, and on Chinese it runs BPE
+over whole sentences (a run of ideographs is one pre-token) that never repeat. Chat data
+repeats a few thousand English words and a few thousand Chinese characters endlessly, so
+`ByteLevelEncoder` does what the tokenizer does with the regex in Python and a dictionary from
+each pre-token (or piece of one) to its tokens, filled by the tokenizer itself:
 
 1. the text is split at the tokenizer's added tokens (longest match first, as the tokenizer
    does), and each piece between them is encoded alone, as the tokenizer does;
-2. a piece that is all ASCII is split with the GPT-2 pre-tokenizer regex, written for ASCII
-   (where Unicode letters, numbers and spaces are exactly [A-Za-z], [0-9] and [\\t\\n\\v\\f\\r ]),
-   and each pre-token is looked up in the dictionary, filled by the tokenizer's own BPE model;
-3. any other piece goes to the Rust tokenizer, in one batch.
+2. a piece made of ASCII, CJK ideographs and common full-width punctuation is split with the
+   GPT-2 pre-tokenizer regex written for exactly those characters (their Unicode categories
+   are the same in every Unicode version), and each pre-token is looked up;
+3. a Chinese pre-token is cut between characters wherever no token of the vocabulary holds the
+   last byte of one character followed by the first byte of the next: no BPE merge can cross
+   there, so each piece encodes on its own (`_cjk_chunker`);
+4. any other piece goes to the Rust tokenizer, in one batch.
 
 It serves only tokenizers whose pipeline is exactly that (`for_tokenizer` returns None for any
 other: a normalizer, another pre-tokenizer, prefix spaces, truncation, ...), and returns
 encodings with the same ids and character offsets, so labels come out the same way
 (`chat_templates.token_ranges`). Tests compare it with the Rust tokenizer on every ASCII
-character and on real chat data, and the tokenize stage checks it against the Rust tokenizer on
-the first conversation of every batch.
+character, on Chinese, on added tokens and on real chat data, and the tokenize stage checks it
+against the Rust tokenizer on the first conversation of every batch.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ stored in the Parquet schema metadata (`sftpipe.label_map`), and the split is st
 
 The split goes by a hash of each row's duplicate group (see clean), so it is deterministic,
 stable as data grows, and duplicates never straddle it. Everything streams: rows are read,
-tokenized in batches (the Rust tokenizer uses every core) and written in row groups; the
-same input and config give byte-identical files.
+tokenized in batches by worker processes (one per core) and written in row groups; the same
+input and config give byte-identical files. GPT-2-style byte-level BPE tokenizers (SmolLM2,
+GPT-2) encode English and Chinese text through `sftpipe.byte_level`, exact and about twice as
+fast as the Rust tokenizer on chat data.
 """
 
 from __future__ import annotations
