@@ -3,8 +3,9 @@
 `ByteLevelEncoder` must give exactly the ids and character offsets of
 `backend_tokenizer.encode_batch(texts, add_special_tokens=False)` (labels come from the
 offsets), or refuse the tokenizer (`for_tokenizer` -> None). The tests compare the two on
-random text over every ASCII character, added tokens and non-ASCII pieces, on the label
-ranges of real chat templates, with trimmed offsets, and through the tokenize stage, whose
+random text over every ASCII character, added tokens and non-ASCII pieces, on random
+Chinese text (split per character in Python, see `_cjk_chunker`), on the label ranges of
+real chat templates, with trimmed offsets, and through the tokenize stage, whose
 output must not depend on the encoder at all. Nothing is mocked: the tokenizers are the
 tiny trained one of the fixtures and SmolLM2's real one (from the GGUF of the demo package).
 """
@@ -12,6 +13,7 @@ tiny trained one of the fixtures and SmolLM2's real one (from the GGUF of the de
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 from pathlib import Path
@@ -19,12 +21,19 @@ from typing import Any
 
 import pytest
 from bench.bench_data import tokenizer_dir
+from fixtures.tiny_model import default_corpus
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import processors as post_processors
 from transformers import PreTrainedTokenizerFast
 
-from sftpipe.byte_level import ByteLevelEncoder
+from sftpipe.byte_level import (
+    _CJK_PUNCTUATION,
+    _CJK_WORD,
+    ByteLevelEncoder,
+    _byte_level,
+    _cjk_chunker,
+)
 from sftpipe.chat_templates import CHATML, Renderer, token_ranges
 from sftpipe.config import TokenizeConfig
 from sftpipe.models import load_tokenizer
@@ -168,9 +177,12 @@ def difference(fast: Any, rust: Any, text: str) -> str | None:
     return None
 
 
-def rust_and_fast(tokenizer: Any, texts: list[str]) -> tuple[list[Any], list[Any]]:
-    """Both encodings of every text (the encoder must accept the tokenizer)."""
-    encoder = ByteLevelEncoder.for_tokenizer(tokenizer)
+def rust_and_fast(
+    tokenizer: Any, texts: list[str], encoder: ByteLevelEncoder | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Both encodings of every text (the encoder must accept the tokenizer; or `encoder`, the
+    tokenizer's, is given)."""
+    encoder = encoder or ByteLevelEncoder.for_tokenizer(tokenizer)
     assert encoder is not None
     rust = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     fast = encoder.encode_batch(texts)
@@ -178,8 +190,10 @@ def rust_and_fast(tokenizer: Any, texts: list[str]) -> tuple[list[Any], list[Any
     return rust, fast
 
 
-def assert_encodes_like_rust(tokenizer: Any, texts: list[str]) -> None:
-    rust, fast = rust_and_fast(tokenizer, texts)
+def assert_encodes_like_rust(
+    tokenizer: Any, texts: list[str], encoder: ByteLevelEncoder | None = None
+) -> None:
+    rust, fast = rust_and_fast(tokenizer, texts, encoder)
     failures = [
         (text, problem)
         for text, f, r in zip(texts, fast, rust, strict=True)
@@ -209,6 +223,158 @@ def test_a_sequence_of_the_byte_level_pre_tokenizer_alone_encodes_as_in_rust(tin
     sequence = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer = changed(tiny, pre_tokenizer=sequence)
     assert_encodes_like_rust(tokenizer, random_texts(tokenizer, 200, seed=2))
+
+
+# Chinese text: pieces of ASCII, the CJK ideographs U+4E00-U+9FEF and `_CJK_PUNCTUATION` are
+# split in Python, and CJK words encoded per character (`_cjk_chunker`) except where a token
+# of the vocabulary crosses from one character into the next.
+IDEOGRAPHS = range(0x4E00, 0x9FF0)
+# SmolLM2's tokens that cross characters: "一个", "文件", "数据" (bytes ...0x80|0xE4...,
+# ...0x87|0xE4..., ...0xB0|0xE6...), and a space before a lead byte 0xE5-0xE9 (" 数", not " 一").
+CJK_WORDS = ["一个", "一一", "一一一", "文件", "数据", "数据文件", "一个人", " 一个", " 数据"]
+CJK_WORDS += [" 中", " 一", "中文", "你好", "世界", "鿯", "今天天气很好", "不客气", "机器学习"]
+# The tiny tokenizer learned these (so many of its tokens cross characters).
+CJK_WORDS += [line for line in default_corpus() if not line.isascii()][::7]
+MIXED = ["abc中文", "中文abc", " 中", "中 文", "中  文", "中\n文", "中\n\n 文", "2024年", "第3章"]
+MIXED += ["中's", "中'S", "你好, world!", "x中", "中1", " 中。", "。中", "“hi”", "(中)", "中\t"]
+# Just outside the known characters (assigned after Unicode 11, extension A, the ideographic
+# space, a full-width digit and letter): their pieces go to the Rust tokenizer.
+OUTSIDE = ["\u9ff0", "\u9ffc", "\u9fff", "\u3400", "\u3000", "\uff10", "\uff21"]
+
+JOINING_FIRSTS = [chr(c) for c in IDEOGRAPHS if c & 0x3F in (0x00, 0x07, 0x30)]
+JOINING_SECONDS = [chr(c) for c in (*range(0x4E00, 0x5000), *range(0x6000, 0x7000))]
+
+
+def joining_pair(rng: random.Random) -> str:
+    """Two ideographs that SmolLM2's chunker keeps together: the first ends in byte 0x80,
+    0x87 or 0xB0, the second starts with byte 0xE4 (U+4E00-U+4FFF) or 0xE6 (U+6000-U+6FFF)."""
+    return rng.choice(JOINING_FIRSTS) + rng.choice(JOINING_SECONDS)
+
+
+def random_cjk_text(rng: random.Random, specials: list[str]) -> str:
+    """Runs of random ideographs (with or without a space before), joining pairs, words,
+    full-width punctuation, ASCII, added tokens and now and then a character just outside
+    the known ones, in random order."""
+    pieces = []
+    for _ in range(rng.randint(1, 16)):
+        kind = rng.random()
+        if kind < 0.3:
+            run = "".join(chr(rng.choice(IDEOGRAPHS)) for _ in range(rng.randint(1, 6)))
+            pieces.append(rng.choice(["", " "]) + run)
+        elif kind < 0.4:
+            pieces.append(rng.choice(["", " "]) + joining_pair(rng))
+        elif kind < 0.55:
+            pieces.append(rng.choice(CJK_WORDS))
+        elif kind < 0.7:
+            punctuation = "".join(rng.choices(_CJK_PUNCTUATION, k=rng.randint(1, 3)))
+            pieces.append(rng.choice(["", " ", "\n"]) + punctuation)
+        elif kind < 0.8:
+            pieces.append(rng.choice(MIXED))
+        elif kind < 0.88:
+            pieces.append(rng.choice(ASCII_PIECES))
+        elif kind < 0.96:
+            pieces.append("".join(rng.choices(specials, k=rng.randint(1, 2))))
+        else:
+            pieces.append(rng.choice(OUTSIDE))
+    return "".join(pieces)
+
+
+def random_cjk_texts(tokenizer: Any, count: int, seed: int) -> list[str]:
+    """`count` random Chinese texts after the edge cases: each punctuation mark alone, after
+    a space and between ideographs, each outside character alone and between ideographs,
+    every word and mixed piece alone."""
+    specials = added_contents(tokenizer)
+    edge = [*_CJK_PUNCTUATION, _CJK_PUNCTUATION, " " + _CJK_PUNCTUATION, *CJK_WORDS, *MIXED]
+    edge += [f"{s}中{p}文" for s, p in zip(itertools.cycle(["", " "]), _CJK_PUNCTUATION)]
+    edge += [*OUTSIDE, *(f"中{c}文" for c in OUTSIDE), *(f" {c} 一个" for c in OUTSIDE)]
+    edge += [f"{specials[0]}你好{specials[-1]}。{specials[0]}", "".join(OUTSIDE)]
+    rng = random.Random(seed)
+    return edge + [random_cjk_text(rng, specials) for _ in range(count)]
+
+
+class CountingBackend:
+    """The Rust backend of an encoder, noting what the encoder sends it: the texts of
+    `encode_batch` (the pieces it leaves to Rust) and of `encode` (pre-tokens and chunks
+    missing from its cache)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.batched, self.encoded = backend, [], []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        self.batched += texts
+        return self.backend.encode_batch(texts, **kwargs)
+
+    def encode(self, text: str, **kwargs: Any) -> Any:
+        self.encoded.append(text)
+        return self.backend.encode(text, **kwargs)
+
+
+def counting_encoder(tokenizer: Any) -> tuple[ByteLevelEncoder, CountingBackend]:
+    encoder = ByteLevelEncoder.for_tokenizer(tokenizer)
+    assert encoder is not None
+    encoder.backend = counting = CountingBackend(encoder.backend)
+    return encoder, counting
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_trimmed", "smollm2"])
+def test_chinese_text_encodes_as_in_rust(request, name):
+    tokenizer = request.getfixturevalue(name)
+    encoder, counting = counting_encoder(tokenizer)
+    assert_encodes_like_rust(tokenizer, random_cjk_texts(tokenizer, 1000, seed=5), encoder)
+    # Only the pieces with a character outside the known ones went to Rust whole...
+    assert set(OUTSIDE) <= set("".join(counting.batched))
+    assert all(any(c in piece for c in OUTSIDE) for piece in counting.batched)
+    # ... the others were chunked: single ideographs, and characters kept together.
+    chunks = [word.lstrip(" ") for word in encoder.cache if _CJK_WORD(word)]
+    assert sum(len(chunk) == 1 for chunk in chunks) > 1000
+    assert sum(len(chunk) > 1 for chunk in chunks) > 10
+
+
+def test_smollm2_encodes_chinese_in_python(smollm2):
+    """Chinese pieces do not go to Rust whole (where ids and offsets would be right whatever
+    the chunker does): Rust sees each new chunk alone, once, and nothing on a second pass."""
+    encoder, counting = counting_encoder(smollm2)
+    texts = ["你好，世界！我们今天学习机器学习。", "<|im_start|> 数据文件一个“引用”（注意：）"]
+    first = encoder.encode_batch(texts)
+    assert not counting.batched
+    chunks = ["你", "好", "，", "世", "界", "！", "我", "们", "今", "天", "学", "习", "机", "器"]
+    chunks += ["。", " 数据", "文件", "一个", "“", "引", "用", "”（", "注", "意", "：）"]
+    assert counting.encoded == chunks
+    assert encoder.encode_batch(texts)[0].ids == first[0].ids and counting.encoded == chunks
+    rust = smollm2.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    assert [difference(f, r, t) for f, r, t in zip(first, rust, texts, strict=True)] == [None] * 2
+
+
+def byte_level(raw: bytes) -> str:
+    """A vocabulary token (GPT-2's byte-level characters) for these bytes."""
+    return "".join(map(_byte_level().__getitem__, raw))
+
+
+def test_the_cjk_chunker_splits_between_characters_that_no_token_crosses():
+    # 中 = E4 B8 AD, 文 = E6 96 87, 字 = E5 AD 97, 一 = E4 B8 80, 乭 = E4 B9 AD, 时 = E6 97 B6.
+    single_bytes = [byte_level(bytes([b])) for b in range(256)]
+    inside = [byte_level("中".encode()), byte_level("文".encode()[1:]), "中文", "<|im|>"]
+    chunks = _cjk_chunker(single_bytes + inside)  # "中文" is not byte-level: an added token
+    assert chunks(" 中文字") == [" ", "中", "文", "字"]
+    assert chunks("中") == ["中"] and chunks(" 一一") == [" ", "一", "一"]
+    assert chunks("鿯一") == ["鿯", "一"]
+
+    # A token holding the last byte of 中 (0xAD) then a lead byte 0xE6: every character ending
+    # in 0xAD stays with a next one starting with 0xE6 (U+6000-U+6FFF), and only those.
+    crossing = _cjk_chunker([*single_bytes, byte_level(b"\xad\xe6\x96")])
+    assert crossing("一中文字") == ["一", "中文", "字"]
+    assert crossing(" 乭时中文中") == [" ", "乭时", "中文", "中"]
+    assert crossing("文中字中") == ["文", "中", "字", "中"]
+    # Chains: 文 ends in 0x87, 中 starts with 0xE4.
+    chained = _cjk_chunker([byte_level(b"\xad\xe6"), byte_level(b"\x87\xe4")])
+    assert chained("一中文中文字") == ["一", "中文中文", "字"]
+
+    # A space then a lead byte: the space stays with a character that starts with it.
+    spaced = _cjk_chunker([*single_bytes, byte_level(b" \xe4")])
+    assert spaced(" 中文") == [" 中", "文"] and spaced(" 文中") == [" ", "文", "中"]
 
 
 def random_conversation(rng: random.Random) -> list[dict[str, str]]:
@@ -335,16 +501,21 @@ def test_rust_splits_non_normalized_added_tokens_first(tiny):
 
 
 def conversations(count: int) -> list[list[dict[str, str]]]:
-    """English and Chinese conversations, seeded."""
+    """English and Chinese conversations, seeded: Chinese words with or without spaces between,
+    with full-width punctuation, characters kept together ("一个", " 数据", "文件") and a
+    full-width digit (outside the known characters: that message goes to Rust whole)."""
     rng = random.Random(4)
     english = ["hello", "world", "the", "cat's", "don't", "2+2", "is", "4.", "code:", "x = 1"]
-    chinese = ["你好", "世界", "谢谢", "机器学习", "今天天气很好。", "，"]
+    chinese = ["你好", "世界", "谢谢", "机器学习", "今天天气很好。", "，", "一个", "数据文件"]
+    chinese += ["“引用”", "（注意）", "《书名》", "吗？", "好！", "如下：", "甲；乙", "一、"]
+    chinese += ["‘单引号’", "2024年", "AI模型", "（见图１）"]
     out = []
     for _ in range(count):
         words = chinese if rng.random() < 0.3 else english
+        join = "".join if words is chinese and rng.random() < 0.5 else " ".join
         out.append(
             [
-                {"role": role, "content": " ".join(rng.choices(words, k=rng.randint(1, 12)))}
+                {"role": role, "content": join(rng.choices(words, k=rng.randint(1, 12)))}
                 for _ in range(rng.randint(1, 3))
                 for role in ("user", "assistant")
             ]
@@ -377,11 +548,14 @@ def rust_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "smollm2_dir"])
 def test_the_stage_writes_the_same_bytes_with_and_without_the_encoder(
-    request, tmp_path, monkeypatch, model
+    request, tmp_path, monkeypatch, capsys, model
 ):
     model_dir = request.getfixturevalue(model)
+    monkeypatch.delitem(tokenize._WORKER, "warned", raising=False)  # warned once per process
+    capsys.readouterr()
     fast = stage_output(tmp_path / "fast", model_dir)
     assert tokenize._WORKER["byte_level"] is not None  # the encoder did the work
+    assert "disagrees" not in capsys.readouterr().out  # (and agreed with Rust on its probes)
     rust_only(monkeypatch)
     assert stage_output(tmp_path / "rust", model_dir) == fast
     assert tokenize._WORKER["byte_level"] is None
