@@ -35,7 +35,6 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from typing import Any
 
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _SPACE = r"\t\n\x0b\x0c\r "
 # Beyond ASCII, characters whose Unicode category is the same in every Unicode version the
 # tokenizer's regex engine may know, and that Chinese text is mostly made of: the CJK unified
@@ -47,14 +46,17 @@ _CJK_PUNCTUATION = (
 )
 _KNOWN = re.compile(rf"[\x00-\x7f{_CJK}{_CJK_PUNCTUATION}]*").fullmatch
 _CJK_WORD = re.compile(rf" ?[{_CJK}]+").fullmatch
-# The GPT-2 regex for text of those characters.
+# The GPT-2 pre-tokenizer regex, 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
+# \s+(?!\S)|\s+, for text of those characters.
 _SPLIT = re.compile(
     rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z{_CJK}]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9{_CJK}]+"
     rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
 )
 _IDS = operator.attrgetter("ids")
 _WALK = 8  # pieces walked from a segment's start before working the whole segment out
-_CACHE_LIMIT = 1 << 20  # pre-tokens kept (English chat data has far fewer distinct words)
+# Pre-tokens kept, ~300 bytes each (English chat data has far fewer distinct words; Chinese is
+# cached by character).
+_CACHE_LIMIT = 1 << 18
 
 
 def _byte_level() -> dict[int, str]:
