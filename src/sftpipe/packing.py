@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 IGNORE_INDEX = -100
+_LAYOUT_TOKENS = 1 << 20  # rows laid out together (~16 MB of arrays at a time)
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -79,30 +80,42 @@ class PackedRow:
 
 
 def pack(samples: Sequence[Sample], max_length: int) -> Iterator[PackedRow]:
-    """Pack `samples` (each at most max_length tokens) into rows: the rows' tokens are laid out
-    in one array per column, and each row is a view of its stretch."""
+    """Pack `samples` (each at most max_length tokens) into rows."""
     lengths = [len(s.input_ids) for s in samples]
-    bins = best_fit_decreasing(lengths, max_length)
-    if not bins:
-        return
-    order = [samples[i] for members in bins for i in members]
+    group: list[list[Sample]] = []
+    tokens = 0
+    for members in best_fit_decreasing(lengths, max_length):
+        group.append([samples[i] for i in members])
+        tokens += sum(lengths[i] for i in members)
+        if tokens >= _LAYOUT_TOKENS:
+            yield from _lay_out(group)
+            group, tokens = [], 0
+    if group:
+        yield from _lay_out(group)
+
+
+def _lay_out(rows: list[list[Sample]]) -> Iterator[PackedRow]:
+    """Rows of samples, their tokens laid out in one array per column (each row a view of its
+    stretch): a few numpy calls for thousands of rows."""
+    order = [sample for row in rows for sample in row]
     sizes = np.array([len(s.input_ids) for s in order], dtype=np.int64)
     starts = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(sizes, out=starts[1:])
     input_ids = np.concatenate([s.input_ids for s in order]).astype(np.int32, copy=False)
     labels = np.concatenate([s.labels for s in order]).astype(np.int32, copy=False)
     labels[starts[:-1]] = IGNORE_INDEX  # never predict a sample's first token from the previous
-    position_ids = (np.arange(starts[-1]) - np.repeat(starts[:-1], sizes)).astype(np.int32)
+    position_ids = np.arange(starts[-1], dtype=np.int32)  # int32 throughout: no 8-byte copies
+    position_ids -= np.repeat(starts[:-1].astype(np.int32), sizes)
     first = 0
-    for members in bins:
-        last = first + len(members)
+    for row in rows:
+        last = first + len(row)
         begin, end = starts[first], starts[last]
         yield PackedRow(
-            id=hashlib.sha256("\n".join(s.id for s in order[first:last]).encode()).hexdigest()[:32],
+            id=hashlib.sha256("\n".join(s.id for s in row).encode()).hexdigest()[:32],
             input_ids=input_ids[begin:end],
             labels=labels[begin:end],
             position_ids=position_ids[begin:end],
-            num_samples=len(members),
+            num_samples=len(row),
         )
         first = last
 

@@ -44,3 +44,16 @@ def test_packer_packs_chunk_by_chunk():
     rows = [r for s in (sample("a", 6, 0), sample("b", 6, 10)) for r in packer.add(s)]
     rows += list(packer.flush())
     assert [r.num_samples for r in rows] == [1, 1] and not packer.pending
+
+
+def test_rows_laid_out_in_groups_equal_rows_laid_out_at_once(monkeypatch):
+    rng = random.Random(2)
+    samples = [sample(str(i), rng.randint(1, 8), 10 * i) for i in range(200)]
+    whole = list(pack(samples, 8))
+    monkeypatch.setattr("sftpipe.packing._LAYOUT_TOKENS", 5)  # a group every row or two
+    grouped = list(pack(samples, 8))
+    assert len(grouped) == len(whole) > 50
+    for a, b in zip(whole, grouped, strict=True):
+        assert a.id == b.id and a.num_samples == b.num_samples
+        for column in ("input_ids", "labels", "position_ids"):
+            assert getattr(a, column).tolist() == getattr(b, column).tolist()
