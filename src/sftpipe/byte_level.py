@@ -291,23 +291,23 @@ class ByteLevelEncoder:
         return _Word((token_id,), starts, ends)
 
     def _word(self, word: str) -> _Word:
-        byte_level = word.translate(_TO_BYTE_LEVEL)
-        tokens = self.backend.model.tokenize(byte_level) if word.isascii() else []
-        values = [t.value for t in tokens]
-        if "".join(values) != byte_level or not word.isascii():
-            # Not ASCII (offsets in characters, not bytes), or the vocabulary lacks some of its
-            # bytes (SmolLM2 has no \x04, for one), which the model drops or makes unknown
-            # tokens, and Rust's offsets then follow rules of their own (from byte lengths):
-            # take them from Rust, for this pre-token alone.
-            encoding = self.backend.encode(word, add_special_tokens=False)
-            starts = tuple(start for start, _ in encoding.offsets)
-            ends = tuple(end for _, end in encoding.offsets)
-            return _Word(tuple(encoding.ids), starts, ends)
-        ends = tuple(itertools.accumulate(map(len, values)))
-        starts = (0, *ends[:-1])
-        if self.trim_offsets:
-            starts, ends = _trim(values, starts, ends)
-        return _Word(tuple(t.id for t in tokens), starts, ends)
+        if word.isascii():
+            byte_level = word.translate(_TO_BYTE_LEVEL)
+            tokens = self.backend.model.tokenize(byte_level)
+            values = [t.value for t in tokens]
+            if "".join(values) == byte_level:  # one character a byte: offsets are lengths
+                ends = tuple(itertools.accumulate(map(len, values)))
+                starts = (0, *ends[:-1])
+                if self.trim_offsets:
+                    starts, ends = _trim(values, starts, ends)
+                return _Word(tuple(t.id for t in tokens), starts, ends)
+        # Not ASCII (offsets in characters, not bytes), or the vocabulary lacks some of its
+        # bytes (SmolLM2 has no \x04, for one), which the model drops or makes unknown tokens,
+        # and Rust's offsets then follow rules of their own: Rust encodes this pre-token alone.
+        encoding = self.backend.encode(word, add_special_tokens=False)
+        starts = tuple(start for start, _ in encoding.offsets)
+        ends = tuple(end for _, end in encoding.offsets)
+        return _Word(tuple(encoding.ids), starts, ends)
 
     def encode_batch(self, texts: list[str]) -> list[Encoding]:
         """One encoding per text."""
