@@ -128,6 +128,6 @@ kind-down: ## delete the kind cluster
 # peak RSS on a 2 GB input. BENCH_DATA_ARGS="--conversations 20000 --rss-gb 0.2" for a quick run.
 BENCH_DATA_ARGS ?=
 .PHONY: bench-data
-bench-data: install ## benchmark the data stages (~40 min on 2 cores, most of it the 2 GB memory run)
+bench-data: install ## benchmark the data stages (~20 min on 2 cores, most of it the 2 GB memory run)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python tests/bench/bench_data.py $(BENCH_DATA_ARGS)
