@@ -51,6 +51,7 @@ ROWS_FILE, SIGNATURES_FILE = "rows.jsonl", "signatures.u32"
 KEYS_FILE, KINDS_FILE = "keys.npy", "kinds.npy"
 QUARANTINE_FILE, STATS_FILE = "quarantine.jsonl", "stats.json"
 _BATCH_RECORDS, _BATCH_BYTES = 512, 4 << 20
+_PROGRESS_SECONDS = 10.0  # between progress lines
 _ID_PREFIX = '{"id": "'  # every cleaned row starts with its id, then its group: fixed offsets
 _GROUP_AT = len(_ID_PREFIX) + 32 + len('", "group": "')
 
@@ -384,7 +385,15 @@ def run_shard(
         (folder / QUARANTINE_FILE).open("w", encoding="utf-8") as bad,
     ):
         work = functools.partial(process_batch, options)
+        start = shown = time.perf_counter()
         for result in parallel.ordered_map(work, batches, config.num_workers):
+            if time.perf_counter() - shown >= _PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                print(
+                    f"[clean] {stats.rows_in:,} rows | {stats.rows_in / (shown - start):,.0f} "
+                    f"rows/s | {len(digests)}/{len(sources)} files read",
+                    flush=True,
+                )
             rows.writelines(line + "\n" for line in result.lines)
             bad.writelines(line + "\n" for line in result.quarantine)
             keys.extend(result.keys)

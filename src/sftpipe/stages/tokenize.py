@@ -45,6 +45,7 @@ from sftpipe.byte_level import ByteLevelEncoder
 from sftpipe.chat_templates import assistant_spans, render, token_ranges
 from sftpipe.config import TokenizeConfig
 from sftpipe.errors import SftpipeError
+from sftpipe.progress import Progress
 from sftpipe.schemas import (
     CHAT_TEMPLATE_KEY,
     LABEL_MAP_KEY,
@@ -59,6 +60,7 @@ _BATCH = 1024  # rows per worker task (fewer tasks to send, and fewer template c
 # token bound keeps the buffer (12 bytes a token in packed rows, copied once more when written)
 # near 25 MB whatever max_length is.
 _ROW_GROUP_ROWS, _ROW_GROUP_TOKENS = 4096, 1 << 20
+_PROGRESS_SECONDS = 10.0  # between progress lines
 
 __all__ = ["assistant_spans", "render"]  # re-exported: evaluate and chat render with them
 
@@ -184,7 +186,7 @@ def _heads(path: str | Path) -> Iterator[tuple[str, str | None]]:
 
 
 def _batches(path: str | Path) -> Iterator[list[dict[str, Any]]]:
-    for lines in _line_batches(path):
+    for lines in _LineBatches(path):
         yield [json.loads(line) for line in lines]
 
 
@@ -587,17 +589,27 @@ def _agrees(backend: Any, encoding: Any, text: str, spans: list[tuple[int, int]]
     )
 
 
-def _line_batches(path: str | Path) -> Iterator[list[str]]:
-    batch: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                batch.append(line)
-                if len(batch) >= _BATCH:  # read here, so that tests can make batches small
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
+class _LineBatches:
+    """The non-empty lines of the cleaned file, in batches, counting the bytes read (progress)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.size = Path(path).stat().st_size
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        batch: list[str] = []
+        with open(self.path, "rb") as handle:
+            for raw in handle:
+                self.bytes_read += len(raw)
+                line = raw.decode("utf-8")
+                if line.strip():
+                    batch.append(line)
+                    if len(batch) >= _BATCH:  # read here, so that tests can make batches small
+                        yield batch
+                        batch = []
+        if batch:
+            yield batch
 
 
 def _run_chat(
@@ -652,8 +664,15 @@ def _run_chat(
         force_train=force_train,
         unknown=unknown_token_id(tokenizer),
     )
-    batches = _line_batches(cleaned_path)
+    batches = _LineBatches(cleaned_path)
+    progress = Progress("tokenize", max(1, round(batches.size / 1e6)), "MB")
+    shown = time.perf_counter()
     for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
+        if time.perf_counter() - shown >= _PROGRESS_SECONDS:
+            shown = time.perf_counter()
+            rate = report.tokens / progress.elapsed()
+            extra = f"{report.rows_in:,} conversations, {rate:,.0f} tokens/s"
+            progress.update(round(batches.bytes_read / 1e6), extra)
         for item in results:
             report.rows_in += 1
             if item.full_length:

@@ -47,6 +47,7 @@ BAD_LINES = {
 
 
 def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
 
@@ -77,6 +78,19 @@ def test_every_reason_is_quarantined_with_its_line(tmp_path):
     assert metrics["rows_bad"] == len(BAD_LINES)
     page = (tmp_path / "r.html").read_text()
     assert "bad_turn_order" in page and "raw.jsonl:" in page and "Languages" in page
+
+
+def test_long_runs_print_progress(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(clean, "_BATCH_RECORDS", 4)
+    monkeypatch.setattr(clean, "_PROGRESS_SECONDS", 0.0)  # a line after every batch
+    for name in ("a", "b"):
+        rows = [chat(f"{name} question {i}", f"answer {i}") for i in range(20)]
+        write(tmp_path / "in" / f"{name}.jsonl", [json.dumps(row) for row in rows])
+    run(tmp_path, data_uri=str(tmp_path / "in"), num_workers=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "rows/s" in line]
+    assert len(lines) >= 8 and all(line.startswith("[clean] ") for line in lines)
+    assert lines[0].endswith("0/2 files read") and lines[-1].endswith("1/2 files read")
+    assert lines[-1].startswith("[clean] 36 rows")  # printed before the tenth batch is counted
 
 
 def test_text_is_normalized_scrubbed_and_empty_turns_dropped(tmp_path):

@@ -259,6 +259,16 @@ def test_worker_processes_give_the_bytes_of_one_process(tiny_model_dir, tmp_path
     assert outputs[0] == outputs[1]
 
 
+def test_long_runs_print_progress(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tokenize, "_BATCH", 8)
+    monkeypatch.setattr(tokenize, "_PROGRESS_SECONDS", 0.0)  # a line after every batch
+    run(tmp_path, tiny_model_dir, TokenizeConfig(max_length=64), chats(40), num_workers=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "MB/s" in line]
+    assert len(lines) >= 4 and all(line.startswith("[tokenize] ") for line in lines)
+    assert "ETA" in lines[0] and lines[-1].endswith("tokens/s")
+    assert "32 conversations" in lines[-1]  # printed before the fifth batch is counted
+
+
 def test_unpacked_truncation_drop_and_groups(tiny_model_dir, tmp_path):
     grouped = [
         [{"role": "user", "content": f"again {i}"}, {"role": "assistant", "content": "A."}]
