@@ -121,10 +121,26 @@ class Encoding:
 
     __slots__ = ("_char_starts", "_inner", "_parts", "_pieces", "_segments", "_token_starts", "ids")
 
-    def __init__(self, ids: list[int], pieces: list[Any], parts: list[str], marks: list[Any]):
-        self.ids, self._pieces, self._parts = ids, pieces, parts  # parts[i]: pieces[i]'s text
-        # marks: (first piece, first character, first token) of each segment, and the end.
-        self._segments, self._char_starts, self._token_starts = map(list, zip(*marks, strict=True))
+    def __init__(
+        self,
+        pieces: list[Any],
+        parts: list[str],
+        segments: list[int],
+        char_starts: list[int],
+    ) -> None:
+        """`parts[i]` is the text of `pieces[i]`; segment k holds pieces `segments[k]` up to
+        `segments[k + 1]` and starts at character `char_starts[k]` (both lists end with the
+        end of the text)."""
+        self._pieces, self._parts = pieces, parts
+        self._segments, self._char_starts = segments, char_starts
+        # The ids segment by segment, noting where each segment's tokens start.
+        ids: list[int] = []
+        token_starts = []
+        for first, stop in itertools.pairwise(segments):
+            token_starts.append(len(ids))
+            ids += itertools.chain.from_iterable(map(_IDS, pieces[first:stop]))
+        token_starts.append(len(ids))
+        self.ids, self._token_starts = ids, token_starts
         self._inner: dict[int, tuple[list[int], list[int]]] = {}
 
     def _piece(self, segment: int, char: int = -1, token: int = -1) -> tuple[int, int, int]:
@@ -312,22 +328,24 @@ class ByteLevelEncoder:
     def encode_batch(self, texts: list[str]) -> list[Encoding]:
         """One encoding per text."""
         lookup, added, split_words = self.cache.__getitem__, self.added, _SPLIT.findall
-        plans: list[tuple[list[Any], list[str], list[tuple[int, int]]]] = []
+        plans: list[tuple[list[Any], list[str], list[int], list[int]]] = []
         rust: list[str] = []  # the pieces neither ASCII nor of the known CJK characters
         holes: list[tuple[list[Any], int]] = []  # where each of them goes
         for text in texts:
             pieces: list[Any] = []
             parts: list[str] = []
-            marks: list[tuple[int, int]] = []  # (first piece, first character) of each segment
+            segments: list[int] = []  # each segment's first piece
+            char_starts: list[int] = []  # and first character
             position = 0
             for index, part in enumerate(self.split_added(text)):
                 if not part:
                     continue
-                marks.append((len(pieces), position))
+                segments.append(len(pieces))
+                char_starts.append(position)
                 position += len(part)
                 if index % 2:  # an added token
                     pieces.append(added[part])
-                elif part.isascii():
+                elif part.isascii():  # the common case: no test per word
                     words = split_words(part)
                     pieces += map(lookup, words)
                     parts += words
@@ -347,24 +365,14 @@ class ByteLevelEncoder:
                     pieces.append(None)
                     rust.append(part)
                 parts.append(part)
-            marks.append((len(pieces), position))
-            plans.append((pieces, parts, marks))
+            segments.append(len(pieces))
+            char_starts.append(position)
+            plans.append((pieces, parts, segments, char_starts))
         if rust:
             encoded = self.backend.encode_batch(rust, add_special_tokens=False)
             for (pieces, at), encoding in zip(holes, encoded, strict=True):
                 pieces[at] = _Segment(encoding)
-        return [_assemble(pieces, parts, marks) for pieces, parts, marks in plans]
-
-
-def _assemble(pieces: list[Any], parts: list[str], marks: list[tuple[int, int]]) -> Encoding:
-    """The text's ids, segment by segment, noting where each segment's tokens start."""
-    ids: list[int] = []
-    located = []
-    for (first, char), (stop, _) in itertools.pairwise(marks):
-        located.append((first, char, len(ids)))
-        ids += itertools.chain.from_iterable(map(_IDS, pieces[first:stop]))
-    located.append((*marks[-1], len(ids)))
-    return Encoding(ids, pieces, parts, located)
+        return [Encoding(*plan) for plan in plans]
 
 
 def _trim(
