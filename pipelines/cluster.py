@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from kfp import kubernetes
 
-from sftpipe.tracking import RUN_ID_ENV
-from sftpipe.trainjob import SETTINGS_ENV, NodeSettings
+from sftpipe.kfp_glue.trainjob import SETTINGS_ENV, NodeSettings
+from sftpipe.tracking.runs import RUN_ID_ENV
 
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
@@ -171,8 +171,9 @@ def trainjob_settings(options: ClusterOptions) -> NodeSettings:
 
 def apply(task: Any, step: str, options: ClusterOptions) -> None:
     """Give one pipeline task its cluster settings; `step` is one of TASKS."""
-    # The MLflow run key of every step (sftpipe.steps.RUN_ID_ENV): the run id label KFP puts on
-    # its pods, so clean and tokenize need no run-id input and stay cacheable across runs.
+    # The MLflow run key of every step (sftpipe.kfp_glue.steps.RUN_ID_ENV): the run id label
+    # KFP puts on its pods, so clean and tokenize need no run-id input and stay cacheable across
+    # runs.
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
     if options.s3_secret:
         kubernetes.use_secret_as_env(task, options.s3_secret, S3_SECRET_KEYS)

@@ -96,7 +96,8 @@ def _finetune_on_cluster(
     `finetune_task(component, display name, ClusterOptions step)` makes one and returns its model.
 
     With num_nodes > 1 the step trains nothing itself: it submits a Kubeflow Trainer TrainJob,
-    whose nodes get their own GPUs, and waits for it (sftpipe.trainjob). A GPU on that pod would
+    whose nodes get their own GPUs, and waits for it
+    (sftpipe.kfp_glue.trainjob). A GPU on that pod would
     sit idle for the whole training, so that task (FINETUNE_DRIVER) has no accelerator, node
     selector or tolerations and small requests. It runs in the CPU image, which has all it needs
     (sftpipe with the kubeflow SDK) and is far smaller than the CUDA one. Kind clusters
@@ -107,7 +108,7 @@ def _finetune_on_cluster(
     with dsl.If(num_nodes <= 1, name="num_nodes <= 1"):
         single = finetune_task(component, "finetune", "finetune")
     # Not "driver" in the display name: `sftpipe submit --wait` hides tasks named so (KFP's own
-    # driver pods, see sftpipe.kfp_submit.task_states).
+    # driver pods, see sftpipe.kfp_glue.kfp_submit.task_states).
     with dsl.Else(name="num_nodes > 1"):
         several = finetune_task(driver, "finetune: TrainJob", FINETUNE_DRIVER)
     # Needs a KFP backend that resolves an artifact OneOf by the branch that ran
@@ -136,7 +137,7 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         # No run id for clean and tokenize: an input would change their cache keys every run
-        # (they read it from the environment, see sftpipe.steps.RUN_ID_ENV).
+        # (they read it from the environment, see sftpipe.kfp_glue.steps.RUN_ID_ENV).
         if cluster is not None and cluster.clean_shards > 1:
             clean_task = _clean_in_shards(values, cluster, on_cluster)
         else:
@@ -160,7 +161,7 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
             task.set_display_name(name).set_caching_options(False)
             return on_cluster(task, step).outputs["model"]
 
-        if cluster is None:  # the local runner refuses num_nodes > 1 (sftpipe.trainjob)
+        if cluster is None:  # the local runner refuses num_nodes > 1 (sftpipe.kfp_glue.trainjob)
             model = finetune_task(finetune_component, "finetune", "finetune")
         else:
             model = _finetune_on_cluster(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sftpipe import demo
+from sftpipe.apps import demo
 from sftpipe.errors import SftpipeError
 from sftpipe.storage import sha256_file
 

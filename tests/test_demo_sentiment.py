@@ -5,7 +5,7 @@ import json
 
 from transformers import AutoConfig, AutoTokenizer
 
-from sftpipe import demo_sentiment
+from sftpipe.apps import demo_sentiment
 
 
 def test_balanced_seeded_reviews(tmp_path):

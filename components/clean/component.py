@@ -31,6 +31,6 @@ def clean(
     """Read raw records (any supported format), normalize, scrub PII, filter, de-duplicate;
     quarantine bad rows with a reason; an HTML report."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("clean", **inputs)

@@ -32,7 +32,7 @@ def clean_plan(
 ) -> NamedTuple("Plan", [("shards", list[str]), ("data_config", str)]):
     """Group the input files into at most `num_shards` shards; pass on the validated config."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     return run_step("clean_plan", **inputs)
 
@@ -41,7 +41,7 @@ def clean_plan(
 def clean_shard(shard: str, data_config: str, part: Output[Dataset]):
     """Clean one shard: normalized rows, dedupe keys and signatures, its quarantine."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("clean_shard", **inputs)
 
@@ -58,6 +58,6 @@ def clean_merge(
 ):
     """De-duplicate across shards and publish the cleaned data, quarantine and report."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("clean_merge", **inputs)

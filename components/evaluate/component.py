@@ -27,6 +27,6 @@ def evaluate(
     Classification: accuracy, macro and per-class P/R/F1, confusion matrices (the tuned one in
     `classification`), next to a TF-IDF + logistic-regression baseline trained on `train`."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("evaluate", **inputs)

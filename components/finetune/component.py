@@ -46,6 +46,6 @@ def finetune(
 ):
     """Full fine-tune on the assistant tokens; exports the best checkpoint with its tokenizer."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("finetune", **inputs)

@@ -24,6 +24,6 @@ def register(
     (alias `challenger`; `champion` when it beats the champion re-scored on `validation`).
     Returns models:/NAME/VERSION, or "" when the gate refused it."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     return run_step("register", **inputs)

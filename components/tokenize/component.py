@@ -24,6 +24,6 @@ def tokenize(
     """Apply the chat template, label assistant tokens only, pack, split train/validation by
     hash (classification: label ids, stratified split); an HTML report."""
     inputs = dict(locals())  # first: exactly the component's inputs
-    from sftpipe.steps import run_step
+    from sftpipe.kfp_glue.steps import run_step
 
     run_step("tokenize", **inputs)

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sftpipe import gate
 from sftpipe.errors import SftpipeError
+from sftpipe.evaluation import gate
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
@@ -149,7 +149,7 @@ class DataConfig(Section):
     @field_validator("scrub_pii")
     @classmethod
     def _known_pii(cls, value: str) -> str:
-        from sftpipe.pii import parse_kinds
+        from sftpipe.data.pii import parse_kinds
 
         parse_kinds(value)
         return value
@@ -157,7 +157,7 @@ class DataConfig(Section):
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, value: str) -> str:
-        from sftpipe.langid import LANGUAGES
+        from sftpipe.data.langid import LANGUAGES
 
         unknown = [c.strip() for c in value.split(",") if c.strip() and c.strip() not in LANGUAGES]
         if unknown:
@@ -167,7 +167,7 @@ class DataConfig(Section):
     @field_validator("label_map")
     @classmethod
     def _parsable_label_map(cls, value: str) -> str:
-        from sftpipe.formats import parse_label_map
+        from sftpipe.data.formats import parse_label_map
 
         parse_label_map(value)
         return value
@@ -175,7 +175,7 @@ class DataConfig(Section):
     @field_validator("translation_languages")
     @classmethod
     def _language_pair(cls, value: str) -> str:
-        from sftpipe.formats import parse_languages
+        from sftpipe.data.formats import parse_languages
 
         parse_languages(value)
         return value

@@ -164,7 +164,7 @@ def tokenizer_dir(work: Path) -> Path:
     if not (target / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        from sftpipe import demo
+        from sftpipe.apps import demo
 
         gguf = demo.gguf_path()
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
@@ -250,8 +250,8 @@ def run_trl(data: Path, model: Path, out: Path, processes: int):
 
 def compare_masks(model: Path, prepared, count: int = 500) -> int:
     """Conversations whose ids and labels differ between sftpipe and TRL (of `count`)."""
-    from sftpipe.chat_templates import Renderer, token_ranges
-    from sftpipe.models import load_tokenizer
+    from sftpipe.data.chat_templates import Renderer, token_ranges
+    from sftpipe.modeling.models import load_tokenizer
     from sftpipe.stages.tokenize import labels_for
 
     tokenizer = load_tokenizer(model)

@@ -41,7 +41,7 @@ MAX_LENGTH, BATCH, LR, SEED = 256, 8, 5e-5, 0
 # --- data and models ------------------------------------------------------------------------
 def skewed_conversations(count: int) -> list[dict[str, Any]]:
     """Multi-turn chats from chatterbot exchanges; exchanges per chat ~ 1 + Geometric(0.35)."""
-    from sftpipe import demo
+    from sftpipe.apps import demo
 
     rows = [
         json.loads(line)
@@ -70,7 +70,7 @@ def skewed_conversations(count: int) -> list[dict[str, Any]]:
 
 
 def build_model(name: str) -> Path:
-    from sftpipe import demo
+    from sftpipe.apps import demo
 
     if name == "smollm2":
         return demo.prepare_demo_model(BUILD / "cache")
@@ -148,7 +148,7 @@ def run_sftpipe(
     report = finetune.run(
         config, str(model_dir), data["train"], data["validation"], BUILD / "out-sftpipe"
     )
-    from sftpipe.models import load_tokenizer
+    from sftpipe.modeling.models import load_tokenizer
     from sftpipe.stages.tokenize import read_parquet
 
     eot = load_tokenizer(model_dir).convert_tokens_to_ids("<|im_end|>")
@@ -174,7 +174,7 @@ def run_hf(tool: str, model_dir: Path, data: dict[str, Path], steps: int) -> dic
         TrainingArguments,
     )
 
-    from sftpipe import lm
+    from sftpipe.modeling import lm
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -263,7 +263,7 @@ def run_hf(tool: str, model_dir: Path, data: dict[str, Path], steps: int) -> dic
 
 
 def child(args: argparse.Namespace) -> None:
-    from sftpipe import lm
+    from sftpipe.modeling import lm
 
     model_dir, data = Path(args.model_dir), json.loads(args.data)
     data = {k: Path(v) for k, v in data.items()}

@@ -12,7 +12,7 @@ from sftpipe.components.register import register
 from sftpipe.components.tokenize import tokenize
 
 from sftpipe.config import FIELDS, kfp_type
-from sftpipe.steps import RUNTIME_INPUTS, STEPS
+from sftpipe.kfp_glue.steps import RUNTIME_INPUTS, STEPS
 
 COMPONENTS = {
     "clean": clean,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from deploy_helpers import K8S
 
-from sftpipe import demo, storage
+from sftpipe import storage
+from sftpipe.apps import demo
 
 
 def load_script() -> Any:

@@ -24,8 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from sftpipe import cli, kfp_submit
+from sftpipe.apps import cli
 from sftpipe.config import FIELDS, PipelineConfig
+from sftpipe.kfp_glue import kfp_submit
 
 API = "/apis/v2beta1"
 PROXY = "/api/v1/namespaces/kubeflow/services/ml-pipeline:http/proxy"

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
+from sftpipe.apps.local import run_local
 from sftpipe.config import PipelineConfig
-from sftpipe.local import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_failed_step_is_one_line_and_publishes_nothing(
     cli = [
         sys.executable,
         "-m",
-        "sftpipe.cli",
+        "sftpipe.apps.cli",
         "run",
         "--workdir",
         str(tmp_path / "work"),

@@ -22,8 +22,8 @@ from sftpipe.pipelines.cluster import ClusterOptions, Toleration
 from sftpipe.pipelines.sft_pipeline import build_pipeline
 
 from sftpipe.config import FIELDS, PipelineConfig
-from sftpipe.tracking import RUN_ID_ENV
-from sftpipe.trainjob import SETTINGS_ENV, NodeSettings
+from sftpipe.kfp_glue.trainjob import SETTINGS_ENV, NodeSettings
+from sftpipe.tracking.runs import RUN_ID_ENV
 
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
 TRAINJOB = "finetune: TrainJob"  # finetune with num_nodes > 1 on a cluster (display name)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sftpipe import demo, storage
+from sftpipe import storage
+from sftpipe.apps import demo
 
 
 def ensure_bucket(bucket: str) -> None:

@@ -1,12 +1,12 @@
 """clean: raw records in, normalized, validated, de-duplicated examples out.
 
-Reads every input file (`sftpipe.formats`: JSONL, JSON array, CSV/TSV, Parquet, gzip; a file,
+Reads every input file (`sftpipe.data.formats`: JSONL, JSON array, CSV/TSV, Parquet, gzip; a file,
 directory, glob or s3:// prefix) as a stream, and turns each record into the internal example
 shape: a chat conversation (`Conversation`) or a classification text + label (`Classified`).
-Each example is normalized (`sftpipe.text.normalize`), PII is replaced by placeholders
-(`sftpipe.pii`), empty turns are dropped, and a conversation must read: optional system
+Each example is normalized (`sftpipe.data.text.normalize`), PII is replaced by placeholders
+(`sftpipe.data.pii`), empty turns are dropped, and a conversation must read: optional system
 prompt, then user and assistant turns alternating, ending with the assistant. Length, turn
-and language filters apply; exact and near duplicates (`sftpipe.dedupe`) are removed, or with
+and language filters apply; exact and near duplicates (`sftpipe.data.dedupe`) are removed, or with
 `dedupe` off kept with a common `group` so that they land on the same side of the split.
 
 Every rejected row goes to the quarantine with a reason code, a one-line detail and its source
@@ -40,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from sftpipe import dedupe, formats, langid, parallel, pii, storage
+from sftpipe import storage
 from sftpipe.config import DataConfig
+from sftpipe.data import dedupe, formats, langid, parallel, pii
+from sftpipe.data.formats import Rejected
+from sftpipe.data.schemas import FILTER_REASONS, Message, QuarantineRow, Reason
+from sftpipe.data.text import normalize
 from sftpipe.errors import SftpipeError
-from sftpipe.formats import Rejected
-from sftpipe.schemas import FILTER_REASONS, Message, QuarantineRow, Reason
-from sftpipe.text import normalize
 
 ROWS_FILE, SIGNATURES_FILE = "rows.jsonl", "signatures.u32"
 KEYS_FILE, KINDS_FILE = "keys.npy", "kinds.npy"
@@ -161,7 +162,7 @@ class CleanReport:
             "input_files": self.sources,
             "seconds": round(self.seconds, 3),
         }
-        from sftpipe.schemas import TOKENIZE_REASONS
+        from sftpipe.data.schemas import TOKENIZE_REASONS
 
         out.update(
             {
@@ -599,7 +600,7 @@ def merge(
             }
             report.seconds = time.perf_counter() - start
             if report_path is not None:
-                from sftpipe.data_report import write_clean_report
+                from sftpipe.data.report import write_clean_report
 
                 write_clean_report(report_path, report, config)
             _check_bad_fraction(config, report)

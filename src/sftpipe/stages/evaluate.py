@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from sftpipe import classify, gate, lm, models, report
 from sftpipe.config import EvalConfig
+from sftpipe.evaluation import gate, report
+from sftpipe.modeling import classify, lm, models
 from sftpipe.progress import Progress, format_duration
 from sftpipe.stages.finetune import TRAINING_LOG
 from sftpipe.stages.tokenize import read_parquet, render

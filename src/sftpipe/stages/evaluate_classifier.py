@@ -9,7 +9,8 @@ Three classifiers answer the same validation rows:
   split: what a cheap classic model achieves, so users see whether fine-tuning was worth it.
 
 Each gets accuracy, macro and per-class precision / recall / F1 and a confusion matrix
-(`sftpipe.class_metrics`); base and tuned also the mean cross-entropy (`validation_loss`). The
+(`sftpipe.evaluation.class_metrics`); base and tuned also the mean
+cross-entropy (`validation_loss`). The
 gate decides tuned vs base (default: macro F1, with the worst class's recall as a guard).
 """
 
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftpipe import class_metrics, classify, gate, lm, models, report
 from sftpipe.config import EvalConfig
+from sftpipe.evaluation import class_metrics, gate, report
+from sftpipe.modeling import classify, lm, models
 from sftpipe.progress import format_duration
 from sftpipe.stages.evaluate import (
     EvalResult,

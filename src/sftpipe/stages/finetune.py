@@ -40,12 +40,13 @@ from typing import Any
 
 import torch
 
-from sftpipe import classify, distributed, dropout_attention, lean_layers, lm, lora, models, storage
-from sftpipe.checkpoint import CheckpointStore
+from sftpipe import storage
 from sftpipe.config import TrainConfig
+from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.errors import SftpipeError
+from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
+from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.progress import Progress, format_duration
-from sftpipe.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.stages.tokenize import read_parquet, schema_metadata
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
@@ -657,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
-            from sftpipe.tracking import Tracker
+            from sftpipe.tracking.runs import Tracker
 
             tracker = Tracker(MlflowClient(), args.mlflow_run_id, "")
         output = local / "model" if storage.is_s3(args.output) else Path(args.output)

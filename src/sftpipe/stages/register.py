@@ -1,7 +1,7 @@
 """register: enforce the quality gate, register the tuned model, and run champion/challenger.
 
-1. The gate (`sftpipe.gate`) is applied again to the evaluation metrics: tuned vs base on the
-   primary metric with a margin, no guard metric regressing beyond its allowance. A refused
+1. The gate (`sftpipe.evaluation.gate`) is applied again to the evaluation metrics: tuned vs base
+   on the primary metric with a margin, no guard metric regressing beyond its allowance. A refused
    model is not registered; the MLflow run's `sftpipe.gate` tag says why.
 2. A passing model is logged with `mlflow.transformers.log_model`: a chat model as
    `llm/v1/chat` (OpenAI-style chat signature, an input example, explicit pip requirements, a
@@ -17,7 +17,7 @@
 
 Retrying the step is safe: a version already registered by the same pipeline run is found by
 its `sftpipe.pipeline_run_id` tag and reused, never duplicated. MLflow calls are retried with
-backoff (`sftpipe.registry.retrying`) and end in one clear line.
+backoff (`sftpipe.tracking.registry.retrying`) and end in one clear line.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftpipe import classify, gate, lm, models, registry
 from sftpipe.config import EvalConfig, RegisterConfig
+from sftpipe.evaluation import gate
+from sftpipe.modeling import classify, lm, models
 from sftpipe.stages import evaluate, evaluate_classifier
 from sftpipe.stages.tokenize import read_parquet
-from sftpipe.tracking import PIPELINE_RUN_TAG, Tracker
+from sftpipe.tracking import registry
+from sftpipe.tracking.runs import PIPELINE_RUN_TAG, Tracker
 
 GATE_TAG = "sftpipe.gate"
 CHAMPION_TAG = "sftpipe.champion"

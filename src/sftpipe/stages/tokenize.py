@@ -2,7 +2,7 @@
 
 Chat data:
 - Rendering uses the tokenizer's chat template, or `chat_template` (Jinja or a name, see
-  `sftpipe.chat_templates`). Labels are found by position, not by token id: each assistant
+  `sftpipe.data.chat_templates`). Labels are found by position, not by token id: each assistant
   turn's character span (its reply through its end-of-turn marker, defined by the template
   itself) marks the tokens whose offsets start inside it. Every assistant turn is trained, its
   end-of-turn token included; pad == EOS tokenizers (SmolLM2) lose nothing. The first label of
@@ -12,7 +12,7 @@ Chat data:
   or the model would learn to end turns with something generation never stops on.
 - Longer than `max_length`: truncated (the start kept) or dropped (`truncation`); a sample with
   no loss-bearing token left is quarantined, never trained on silently.
-- Train conversations are packed (`packing`, `sftpipe.packing`) into rows with position_ids;
+- Train conversations are packed (`packing`, `sftpipe.data.packing`) into rows with position_ids;
   validation stays one conversation per row, with its messages (evaluate needs them).
 
 Classification data (`text` + `label`): the text is tokenized with the tokenizer's special
@@ -23,7 +23,7 @@ The split goes by a hash of each row's duplicate group (see clean), so it is det
 stable as data grows, and duplicates never straddle it. Everything streams: rows are read,
 tokenized in batches by worker processes (one per core) and written in row groups; the same
 input and config give byte-identical files. GPT-2-style byte-level BPE tokenizers (SmolLM2,
-GPT-2) encode English and Chinese text through `sftpipe.byte_level`, exact and about twice as
+GPT-2) encode English and Chinese text through `sftpipe.data.byte_level`, exact and about twice as
 fast as the Rust tokenizer on chat data.
 """
 
@@ -40,19 +40,21 @@ from typing import Any
 
 import numpy as np
 
-from sftpipe import chat_templates, formats, models, packing, parallel, storage
-from sftpipe.byte_level import ByteLevelEncoder
-from sftpipe.chat_templates import assistant_spans, render, token_ranges
+from sftpipe import storage
 from sftpipe.config import TokenizeConfig
-from sftpipe.errors import SftpipeError
-from sftpipe.progress import Progress
-from sftpipe.schemas import (
+from sftpipe.data import chat_templates, formats, packing, parallel
+from sftpipe.data.byte_level import ByteLevelEncoder
+from sftpipe.data.chat_templates import assistant_spans, render, token_ranges
+from sftpipe.data.schemas import (
     CHAT_TEMPLATE_KEY,
     LABEL_MAP_KEY,
     Message,
     QuarantineRow,
     Reason,
 )
+from sftpipe.errors import SftpipeError
+from sftpipe.modeling import models
+from sftpipe.progress import Progress
 
 IGNORE_INDEX = -100
 _BATCH = 1024  # rows per worker task (fewer tasks to send, and fewer template checks)
@@ -467,7 +469,7 @@ def run(
         if warning := report.unknown_token_warning():
             print(f"[tokenize] WARNING: {warning}", flush=True)
         if report_path is not None:
-            from sftpipe.data_report import write_tokenize_report
+            from sftpipe.data.report import write_tokenize_report
 
             write_tokenize_report(report_path, report, config, sample_html)
     return report
@@ -561,7 +563,7 @@ def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
 
 
 def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Any]:
-    """The Rust tokenizer's encodings, or the byte-level encoder's (`sftpipe.byte_level`) when
+    """The Rust tokenizer's encodings, or the byte-level encoder's (`sftpipe.data.byte_level`) when
     the tokenizer has one and it agrees with the Rust tokenizer on the batch's first text and
     first text beyond ASCII (ids and label ranges): a disagreement, which the tests say cannot
     happen, costs speed only."""
@@ -624,7 +626,7 @@ def _run_chat(
     base_model: str,
     num_workers: int,
 ) -> str:
-    from sftpipe.data_report import highlight_tokens
+    from sftpipe.data.report import highlight_tokens
 
     check_end_of_turn(tokenizer, stop_token_ids(tokenizer, model_dir), base_model)
     force_validation, force_train = _split_chat(

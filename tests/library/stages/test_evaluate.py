@@ -76,7 +76,7 @@ def test_no_prompts_means_loss_only(tiny_model_dir, trained, tmp_path):
 
 
 def test_generation_is_batched_deterministic_and_stops_at_eos(tiny_model_dir):
-    from sftpipe import lm, models
+    from sftpipe.modeling import lm, models
 
     tokenizer = models.load_tokenizer(tiny_model_dir)
     model = models.load_causal_lm(tiny_model_dir)
@@ -115,7 +115,7 @@ def test_eval_set_follows_another_tokenizer(tiny_model_dir, trained, tmp_path):
     """A champion with another tokenizer is scored on the same conversations, re-tokenized."""
     from fixtures.tiny_model import build_tiny_chat_model, default_corpus
 
-    from sftpipe import models
+    from sftpipe.modeling import models
 
     _, validation = trained
     eval_set = evaluate.load_eval_set(validation, 2)

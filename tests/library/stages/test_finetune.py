@@ -7,10 +7,10 @@ import torch
 from fixtures.data import tokenize_chats
 from safetensors.torch import load_file
 
-from sftpipe import lm
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
-from sftpipe.models import load_causal_lm, load_tokenizer
+from sftpipe.modeling import lm
+from sftpipe.modeling.models import load_causal_lm, load_tokenizer
 from sftpipe.stages import finetune, tokenize
 from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
 

@@ -9,9 +9,9 @@ import torch
 from fixtures.classification import write_split
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sftpipe import classify
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
+from sftpipe.modeling import classify
 from sftpipe.stages import finetune
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
+from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.stages import finetune
 
 COMMON = dict(

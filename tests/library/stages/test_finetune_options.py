@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
-from sftpipe.lora import ADAPTER_DIR
+from sftpipe.modeling.lora import ADAPTER_DIR
 from sftpipe.stages import finetune
 
 FAST = dict(max_steps=12, learning_rate=5e-3, eval_every=6, micro_batch_size=8, precision="fp32")

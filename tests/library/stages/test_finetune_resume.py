@@ -12,8 +12,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from sftpipe.checkpoint import CheckpointStore
 from sftpipe.config import TrainConfig
+from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.stages import finetune
 
 CONFIG = dict(
@@ -116,8 +116,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
     import pytest
 
-    from sftpipe import lm
     from sftpipe.errors import SftpipeError
+    from sftpipe.modeling import lm
 
     forward, calls = lm.TokenLoss.forward, []
 

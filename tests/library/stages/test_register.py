@@ -5,11 +5,12 @@ import uuid
 import pytest
 from fixtures.data import tokenize_chats
 
-from sftpipe import cli, registry
+from sftpipe.apps import cli
 from sftpipe.config import EvalConfig, RegisterConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.stages import register
-from sftpipe.tracking import open_run
+from sftpipe.tracking import registry
+from sftpipe.tracking.runs import open_run
 
 EVAL = EvalConfig(eval_prompts=3, max_new_tokens=4, eval_batch_size=4)
 

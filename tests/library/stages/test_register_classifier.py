@@ -6,10 +6,10 @@ import uuid
 import pandas as pd
 import pytest
 
-from sftpipe import cli
+from sftpipe.apps import cli
 from sftpipe.config import EvalConfig, RegisterConfig
 from sftpipe.stages import register
-from sftpipe.tracking import open_run
+from sftpipe.tracking.runs import open_run
 
 EVAL = EvalConfig(eval_batch_size=8)
 TEXTS = ["I love this, it is great.", "I hate this, it is awful.", "I 喜欢 this, it is happy."]

