@@ -167,7 +167,7 @@ class DataConfig(Section):
     @field_validator("label_map")
     @classmethod
     def _parsable_label_map(cls, value: str) -> str:
-        from sftpipe.data.formats import parse_label_map
+        from sftpipe.data.records import parse_label_map
 
         parse_label_map(value)
         return value
@@ -175,7 +175,7 @@ class DataConfig(Section):
     @field_validator("translation_languages")
     @classmethod
     def _language_pair(cls, value: str) -> str:
-        from sftpipe.data.formats import parse_languages
+        from sftpipe.data.records import parse_languages
 
         parse_languages(value)
         return value

@@ -104,6 +104,14 @@ def upload_file(path: Path, uri: str) -> None:
     _s3_call(uri, s3_client().upload_file, Filename=str(path), Bucket=bucket, Key=key)
 
 
+def list_keys(bucket: str, prefix: str, uri: str) -> list[str]:
+    """Every key of `bucket` that starts with `prefix` as given (no slash implied); `uri` names
+    the request in errors."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = _s3_call(uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
 def list_objects(uri: str) -> list[str]:
     """Keys under an s3:// prefix (as a folder: a trailing slash is implied)."""
     bucket, prefix = split_s3(uri)

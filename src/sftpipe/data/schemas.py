@@ -104,3 +104,11 @@ PACKED_COLUMNS = (*TOKENIZED_COLUMNS, "position_ids", "num_samples")
 CLASSIFICATION_COLUMNS = ("id", "input_ids", "label", "num_tokens", "text")
 LABEL_MAP_KEY = "sftpipe.label_map"
 CHAT_TEMPLATE_KEY = "sftpipe.chat_template"
+
+
+class Rejected(Exception):
+    """A record that cannot become an example: a reason code and a one-line detail."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail

@@ -1,8 +1,9 @@
 """clean: raw records in, normalized, validated, de-duplicated examples out.
 
-Reads every input file (`sftpipe.data.formats`: JSONL, JSON array, CSV/TSV, Parquet, gzip; a file,
-directory, glob or s3:// prefix) as a stream, and turns each record into the internal example
-shape: a chat conversation (`Conversation`) or a classification text + label (`Classified`).
+Reads every input file (`sftpipe.data.sources` finds them: a file, directory, glob or s3://
+prefix; `sftpipe.data.readers` reads JSONL, JSON array, CSV/TSV, Parquet, gzip) as a stream, and
+turns each record (`sftpipe.data.records`) into the internal example shape: a chat conversation
+(`Conversation`) or a classification text + label (`Classified`).
 Each example is normalized (`sftpipe.data.text.normalize`), PII is replaced by placeholders
 (`sftpipe.data.pii`), empty turns are dropped, and a conversation must read: optional system
 prompt, then user and assistant turns alternating, ending with the assistant. Length, turn
@@ -42,9 +43,11 @@ import numpy as np
 
 from sftpipe import storage
 from sftpipe.config import DataConfig
-from sftpipe.data import dedupe, formats, langid, parallel, pii
-from sftpipe.data.formats import Rejected
-from sftpipe.data.schemas import FILTER_REASONS, Message, QuarantineRow, Reason
+from sftpipe.data import dedupe, langid, parallel, pii
+from sftpipe.data.readers import RAW_PREVIEW, RawRecord, parse_json, read_records
+from sftpipe.data.records import RecordOptions, parse_label_map, parse_languages, to_example
+from sftpipe.data.schemas import FILTER_REASONS, Message, QuarantineRow, Reason, Rejected
+from sftpipe.data.sources import Source, list_sources, shard_sources
 from sftpipe.data.text import normalize
 from sftpipe.errors import SftpipeError
 
@@ -61,7 +64,7 @@ _GROUP_AT = len(_ID_PREFIX) + 32 + len('", "group": "')
 class CleanOptions:
     """What a worker needs from the config (picklable)."""
 
-    records: formats.RecordOptions
+    records: RecordOptions
     strip_html: bool
     pii_kinds: tuple[str, ...]
     min_chars: int
@@ -73,11 +76,11 @@ class CleanOptions:
     @classmethod
     def from_config(cls, config: DataConfig) -> CleanOptions:
         return cls(
-            records=formats.RecordOptions(
+            records=RecordOptions(
                 record_format=config.record_format,
-                label_map=tuple(formats.parse_label_map(config.label_map).items()),
+                label_map=tuple(parse_label_map(config.label_map).items()),
                 translation_instruction=config.translation_instruction,
-                translation_languages=formats.parse_languages(config.translation_languages),
+                translation_languages=parse_languages(config.translation_languages),
             ),
             strip_html=config.strip_html,
             pii_kinds=pii.parse_kinds(config.scrub_pii),
@@ -268,7 +271,7 @@ class BatchResult:
     stats: Stats
 
 
-def process_batch(options: CleanOptions, records: list[formats.RawRecord]) -> BatchResult:
+def process_batch(options: CleanOptions, records: list[RawRecord]) -> BatchResult:
     """Clean a batch of raw records (runs in a worker process)."""
     stats = Stats()
     lines: list[str] = []
@@ -281,7 +284,7 @@ def process_batch(options: CleanOptions, records: list[formats.RawRecord]) -> Ba
         try:
             if record.error is not None:
                 raise Rejected(record.error, record.detail)
-            example = formats.to_example(formats.parse_json(record), options.records)
+            example = to_example(parse_json(record), options.records)
             cleaned, empty, text = clean_example(example, options, stats.pii)
             lang = langid.detect(text)
             if options.languages and lang not in options.languages:
@@ -324,14 +327,14 @@ def process_batch(options: CleanOptions, records: list[formats.RawRecord]) -> Ba
     return BatchResult(lines, keys, classification, dedupe.signatures(texts), quarantine, stats)
 
 
-def _raw_text(record: formats.RawRecord) -> str:
+def _raw_text(record: RawRecord) -> str:
     payload = record.payload
     if isinstance(payload, bytes):
-        return payload[: formats.RAW_PREVIEW * 4].decode("utf-8", "replace")[: formats.RAW_PREVIEW]
+        return payload[: RAW_PREVIEW * 4].decode("utf-8", "replace")[:RAW_PREVIEW]
     try:
-        return json.dumps(payload, ensure_ascii=False, default=str)[: formats.RAW_PREVIEW]
+        return json.dumps(payload, ensure_ascii=False, default=str)[:RAW_PREVIEW]
     except (TypeError, ValueError):
-        return repr(payload)[: formats.RAW_PREVIEW]
+        return repr(payload)[:RAW_PREVIEW]
 
 
 def _dumps(row: Any) -> str:
@@ -344,12 +347,12 @@ def _dumps(row: Any) -> str:
 
 
 def _batches(
-    sources: Iterable[formats.Source], file_format: str, digests: dict[str, str]
-) -> Iterator[list[formats.RawRecord]]:
-    batch: list[formats.RawRecord] = []
+    sources: Iterable[Source], file_format: str, digests: dict[str, str]
+) -> Iterator[list[RawRecord]]:
+    batch: list[RawRecord] = []
     size = 0
     for source in sources:
-        for record in formats.read_records(source, file_format, digests):
+        for record in read_records(source, file_format, digests):
             batch.append(record)
             size += len(record.payload) if isinstance(record.payload, bytes) else 256
             if len(batch) >= _BATCH_RECORDS or size >= _BATCH_BYTES:
@@ -366,9 +369,7 @@ class ShardSummary:
     rows_kept: int
 
 
-def run_shard(
-    config: DataConfig, sources: list[formats.Source], folder: str | Path
-) -> ShardSummary:
+def run_shard(config: DataConfig, sources: list[Source], folder: str | Path) -> ShardSummary:
     """Pass 1 over `sources` into `folder`: candidate rows (JSONL), their exact keys and
     MinHash signatures, the quarantine so far and the counts (stats.json, with digests)."""
     folder = Path(folder)
@@ -417,15 +418,14 @@ def run_shard(
 def plan_shards(config: DataConfig, num_shards: int) -> list[str]:
     """The input files split into at most `num_shards` groups, each as a JSON string (what a
     `dsl.ParallelFor` iterates over; `run_shard_json` takes one)."""
-    sources = formats.list_sources(config.data_uri, config.file_format)
+    sources = list_sources(config.data_uri, config.file_format)
     return [
-        json.dumps([[s.uri, s.name] for s in shard])
-        for shard in formats.shard_sources(sources, num_shards)
+        json.dumps([[s.uri, s.name] for s in shard]) for shard in shard_sources(sources, num_shards)
     ]
 
 
 def run_shard_json(config: DataConfig, shard: str, folder: str | Path) -> ShardSummary:
-    sources = [formats.Source(uri, name) for uri, name in json.loads(shard)]
+    sources = [Source(uri, name) for uri, name in json.loads(shard)]
     return run_shard(config, sources, folder)
 
 
@@ -617,7 +617,7 @@ def _reject_merged(handle: Any, stats: Stats, line: str, reason: Reason, detail:
                 source=row["source"],
                 reason=reason.value,
                 detail=detail,
-                raw=line[: formats.RAW_PREVIEW],
+                raw=line[:RAW_PREVIEW],
             )
         )
         + "\n"
@@ -634,7 +634,7 @@ def run(
     `quarantine_path` (JSONL of `QuarantineRow`) and, with `report_path`, an HTML report. All
     are published atomically."""
     start = time.perf_counter()
-    sources = formats.list_sources(config.data_uri, config.file_format)
+    sources = list_sources(config.data_uri, config.file_format)
     with tempfile.TemporaryDirectory(prefix="sftpipe-clean-") as scratch:
         run_shard(config, sources, Path(scratch) / "shard")
         report = merge(

@@ -42,7 +42,7 @@ import numpy as np
 
 from sftpipe import storage
 from sftpipe.config import TokenizeConfig
-from sftpipe.data import chat_templates, formats, packing, parallel
+from sftpipe.data import chat_templates, packing, parallel, readers, records
 from sftpipe.data.byte_level import ByteLevelEncoder
 from sftpipe.data.chat_templates import assistant_spans, render, token_ranges
 from sftpipe.data.schemas import (
@@ -394,7 +394,7 @@ def check_end_of_turn(tokenizer: Any, stop_ids: set[int], where: str) -> str:
 
 def _quarantine_line(row: dict[str, Any], reason: Reason, detail: str) -> str:
     raw = json.dumps(row.get("messages", row.get("text")), ensure_ascii=False)[
-        : formats.RAW_PREVIEW
+        : readers.RAW_PREVIEW
     ]
     entry = QuarantineRow(source=row.get("source", ""), reason=reason.value, detail=detail, raw=raw)
     return json.dumps(entry, ensure_ascii=False) + "\n"
@@ -456,7 +456,7 @@ def run(
                 validation_handle,
                 bad,
                 report,
-                formats.parse_label_map(label_map),
+                records.parse_label_map(label_map),
             )
         if report.train_rows == 0 or report.validation_rows == 0:
             raise SftpipeError(

@@ -1,0 +1,120 @@
+"""Where the input files are: a single file, a directory (every data file under it), a glob
+(`data/*.jsonl`, `s3://bucket/shards/part-*.parquet`) or an `s3://` object or prefix; and how
+they are split into shards for a fanned-out clean.
+
+Hidden files and folders (`.x`, `_SUCCESS`, `_tmp/`) are skipped; with `file_format=auto` only
+names with a data suffix (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, optionally `.gz`) count.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftpipe import storage
+from sftpipe.errors import SftpipeError
+
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: its URI and the name that locations are reported with."""
+
+    uri: str
+    name: str
+
+
+def data_suffix(name: str) -> str | None:
+    base = name[:-3] if name.endswith(".gz") else name
+    return _SUFFIXES.get(Path(base).suffix.lower())
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _list_s3_keys(uri: str, prefix: str) -> list[str]:
+    bucket, _ = storage.split_s3(uri)
+    return sorted(storage.list_keys(bucket, prefix, uri))
+
+
+def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
+    """The input files at `uri`, in a stable (sorted) order. Raises when there are none."""
+    if not uri:
+        raise SftpipeError("data_uri", "no input data given", "pass --data-uri PATH or s3://...")
+    wanted = (lambda rel: True) if file_format != "auto" else (lambda rel: bool(data_suffix(rel)))
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        if _GLOB.search(key):
+            root = key[: _GLOB.search(key).start()].rpartition("/")[0]  # type: ignore[union-attr]
+            keys = [k for k in _list_s3_keys(uri, root) if fnmatch.fnmatchcase(k, key)]
+            base = f"{root}/" if root else ""
+        else:
+            keys = _list_s3_keys(uri, key)
+            if key in keys:
+                return [Source(uri, key.rpartition("/")[2])]
+            base = f"{key.rstrip('/')}/" if key else ""
+            keys = [k for k in keys if k.startswith(base)]
+        found = [
+            Source(f"s3://{bucket}/{k}", k[len(base) :])
+            for k in keys
+            if not k.endswith("/") and not _hidden(k[len(base) :]) and wanted(k[len(base) :])
+        ]
+        if not found:
+            raise SftpipeError(
+                uri,
+                "no data files under this S3 prefix",
+                "check the bucket and prefix (aws s3 ls), or point at one object",
+            )
+        return found
+    if _GLOB.search(uri):
+        root = Path(uri[: _GLOB.search(uri).start()].rpartition("/")[0] or ".")  # type: ignore[union-attr]
+        paths = sorted(Path(p) for p in glob.glob(uri, recursive=True) if Path(p).is_file())
+        found = [Source(str(p), p.relative_to(root).as_posix()) for p in paths]
+    else:
+        path = Path(uri)
+        if path.is_file():
+            return [Source(uri, path.name)]
+        if not path.is_dir():
+            raise SftpipeError(uri, "no such file or directory", "check the path")
+        root = path
+        found = [
+            Source(str(p), p.relative_to(root).as_posix())
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+            and not _hidden(p.relative_to(root).as_posix())
+            and wanted(p.relative_to(root).as_posix())
+        ]
+    if not found:
+        raise SftpipeError(
+            uri,
+            "no data files found (.jsonl, .json, .csv, .tsv, .parquet, optionally .gz)",
+            "check the path, or set --file-format for other file names",
+        )
+    return found
+
+
+def shard_sources(sources: list[Source], num_shards: int) -> list[list[Source]]:
+    """Split the files into at most `num_shards` groups of similar size (by count, contiguous,
+    so that shard order is file order); for `dsl.ParallelFor` fan-out of clean."""
+    num_shards = max(1, min(num_shards, len(sources)))
+    size, extra = divmod(len(sources), num_shards)
+    shards, start = [], 0
+    for index in range(num_shards):
+        end = start + size + (index < extra)
+        shards.append(sources[start:end])
+        start = end
+    return shards
