@@ -129,6 +129,28 @@ def upload_dir(path: Path, uri: str) -> None:
         upload_file(file, f"{uri.rstrip('/')}/{file.relative_to(path).as_posix()}")
 
 
+def path_under(dest: Path, relative: str, source: str) -> Path:
+    """Where the object `source` goes when a prefix is copied into `dest`: `dest/relative`.
+
+    Object keys are arbitrary strings: after the prefix is cut off, `m/../../x` leaves
+    `../../x` and `m//etc/x` leaves `/etc/x`, which a plain `dest / rest` would write outside
+    `dest` (an absolute part even replaces `dest` entirely). Such keys are refused, in one line,
+    before anything is written.
+    """
+    parts = relative.split("/")
+    escapes = relative.startswith("/") or ".." in parts
+    target = dest / relative
+    root = dest.resolve()
+    if escapes or not target.resolve().is_relative_to(root) or target.resolve() == root:
+        raise SftpipeError(
+            source,
+            f"the object key maps outside the download folder ({relative!r} under {dest})",
+            "rename or delete the object: keys under a model or checkpoint prefix must be "
+            "relative paths without '..' or a leading '/'",
+        )
+    return target
+
+
 def local_dir(
     uri: str, cache_root: Path | None = None, skip_suffixes: tuple[str, ...] = ()
 ) -> Path:
@@ -146,10 +168,17 @@ def local_dir(
         raise SftpipeError(uri, "no objects under this prefix", "check the bucket and prefix")
     dest = Path(tempfile.mkdtemp(prefix="sftpipe-", dir=cache_root))
     base = prefix.rstrip("/") + "/" if prefix else ""
-    for key in keys:
-        if key.endswith(skip_suffixes):
-            continue
-        target = dest / key[len(base) :]
+    # Every key is checked before the first download: a hostile key fails the copy whole.
+    try:
+        targets = {
+            key: path_under(dest, key[len(base) :], f"s3://{bucket}/{key}")
+            for key in keys
+            if not key.endswith(skip_suffixes) and not key.endswith("/")  # "/": a folder marker
+        }
+    except SftpipeError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    for key, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         _s3_call(uri, s3_client().download_file, Bucket=bucket, Key=key, Filename=str(target))
     return dest

@@ -56,3 +56,89 @@ def test_s3_round_trip_and_errors(seaweedfs, s3_env, tmp_path):
         list(storage.iter_lines("s3://no-such-bucket-here/x.jsonl"))
     with pytest.raises(SftpipeError, match="no objects under this prefix"):
         storage.local_dir(f"s3://{s3_env}/empty-prefix")
+
+
+# --- object keys that would land outside the download folder ---------------------------------
+# Keys are what the object store lists under a prefix. SeaweedFS itself refuses keys with a `..`
+# segment (InvalidRequest) and folds `//` into `/` (measured: tests below); AWS S3 and other
+# stores keep such keys as written. Where a test needs the store to list one, the real listing
+# of SeaweedFS is extended with it (`_listing_with`): that is the one part that cannot run here.
+HOSTILE_RESTS = ["../../x.txt", "a/../../../x.txt", "/abs/x.txt", "..", "a/.."]
+
+
+@pytest.mark.parametrize("rest", HOSTILE_RESTS)
+def test_path_under_refuses_keys_that_leave_the_folder(tmp_path, rest):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(SftpipeError) as caught:
+        storage.path_under(dest, rest, f"s3://b/m/{rest}")
+    message = str(caught.value)
+    assert message.startswith(f"s3://b/m/{rest}: the object key maps outside the download folder")
+    assert "\n" not in message
+
+
+def test_path_under_refuses_a_symlink_out_of_the_folder(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "link").symlink_to(tmp_path)
+    with pytest.raises(SftpipeError, match="maps outside"):
+        storage.path_under(dest, "link/x.txt", "s3://b/m/link/x.txt")
+
+
+@pytest.mark.parametrize("rest", ["a.txt", "sub/a.txt", "./a.txt", "sub//a.txt", "a..b/c..txt"])
+def test_path_under_keeps_ordinary_keys(tmp_path, rest):
+    assert storage.path_under(tmp_path, rest, "s3://b/k") == tmp_path / rest
+
+
+def _listing_with(monkeypatch, extra_keys):
+    """storage.list_objects answering the real listing plus `extra_keys` (see above)."""
+    real = storage.list_objects
+
+    def listing(uri):
+        _bucket, prefix = storage.split_s3(uri)
+        return real(uri) + [k for k in extra_keys if k.startswith(prefix.rstrip("/") + "/")]
+
+    monkeypatch.setattr(storage, "list_objects", listing)
+
+
+def _nothing_written_outside(root, before):
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before
+
+
+def test_seaweedfs_round_trip_of_a_prefix_and_its_odd_keys(seaweedfs, s3_env, tmp_path):
+    client = storage.s3_client()
+    client.put_object(Bucket=s3_env, Key="m/config.json", Body=b"{}")
+    client.put_object(Bucket=s3_env, Key="m/sub/w.bin", Body=b"w")
+    client.put_object(Bucket=s3_env, Key="m//abs/y.txt", Body=b"y")  # stored as m/abs/y.txt
+    for bad in ("m/../../x.txt", "m/a/../../../z.txt"):
+        with pytest.raises(Exception, match="InvalidRequest"):
+            client.put_object(Bucket=s3_env, Key=bad, Body=b"x")
+    copy = storage.local_dir(f"s3://{s3_env}/m", cache_root=tmp_path)
+    files = {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert files == {"config.json": b"{}", "sub/w.bin": b"w", "abs/y.txt": b"y"}
+
+
+@pytest.mark.parametrize("rest", ["../../escaped.txt", "/escaped-abs.txt"])
+def test_models_fetch_refuses_a_hostile_key(seaweedfs, s3_env, tmp_path, monkeypatch, rest):
+    from sftpipe.modeling import models
+
+    storage.s3_client().put_object(Bucket=s3_env, Key="base/config.json", Body=b"{}")
+    _listing_with(monkeypatch, [f"base/{rest}"])
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SftpipeError, match="maps outside the download folder") as caught:
+        models.fetch(f"s3://{s3_env}/base")
+    assert str(caught.value).startswith(f"s3://{s3_env}/base/{rest}: ")
+    _nothing_written_outside(tmp_path, [])  # the partial download folder is removed too
+
+
+def test_checkpoint_fetch_refuses_a_hostile_key(seaweedfs, s3_env, tmp_path, monkeypatch):
+    from sftpipe.modeling.checkpoint import CheckpointStore
+
+    store = CheckpointStore(f"s3://{s3_env}/ckpt", keep=2)
+    store.save(1, lambda folder: (folder / "weights.bin").write_bytes(b"w"))
+    _listing_with(monkeypatch, ["ckpt/step-00000001/../../../../escaped.txt"])
+    dest = tmp_path / "resume"
+    with pytest.raises(SftpipeError, match="maps outside the download folder"):
+        store.latest(dest)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path.parent / "escaped.txt").exists()
