@@ -251,8 +251,8 @@ def run_trl(data: Path, model: Path, out: Path, processes: int):
 def compare_masks(model: Path, prepared, count: int = 500) -> int:
     """Conversations whose ids and labels differ between sftpipe and TRL (of `count`)."""
     from sftpipe.data.chat_templates import Renderer, token_ranges
+    from sftpipe.data.tokenized import labels_for
     from sftpipe.modeling.models import load_tokenizer
-    from sftpipe.stages.tokenize import labels_for
 
     tokenizer = load_tokenizer(model)
     renderer = Renderer(tokenizer)

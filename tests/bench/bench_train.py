@@ -148,8 +148,8 @@ def run_sftpipe(
     report = finetune.run(
         config, str(model_dir), data["train"], data["validation"], BUILD / "out-sftpipe"
     )
+    from sftpipe.data.tokenized import read_parquet
     from sftpipe.modeling.models import load_tokenizer
-    from sftpipe.stages.tokenize import read_parquet
 
     eot = load_tokenizer(model_dir).convert_tokens_to_ids("<|im_end|>")
     eot_labels = sum(label == eot for row in read_parquet(data["train"]) for label in row["labels"])

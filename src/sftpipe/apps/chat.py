@@ -92,7 +92,7 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + turns
 
     def _encode(self, turns: list[dict[str, str]]) -> list[int]:
-        from sftpipe.stages.tokenize import render
+        from sftpipe.data.chat_templates import render
 
         text = render(self.tokenizer, self._messages(turns), add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

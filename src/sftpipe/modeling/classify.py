@@ -4,7 +4,6 @@ the Parquet schema metadata under `sftpipe.label_map`)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sftpipe.data.schemas import LABEL_MAP_KEY
+from sftpipe.data import tokenized
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import lm
 from sftpipe.modeling.distributed import SINGLE, World
@@ -21,10 +20,7 @@ from sftpipe.modeling.distributed import SINGLE, World
 
 def label_map(path: str | Path) -> dict[str, int] | None:
     """The label -> id map of a classification Parquet file; None for chat data."""
-    from sftpipe.stages.tokenize import schema_metadata
-
-    metadata = schema_metadata(path)
-    return json.loads(metadata[LABEL_MAP_KEY]) if LABEL_MAP_KEY in metadata else None
+    return tokenized.label_map(path)
 
 
 def task_of(path: str | Path) -> str:

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from sftpipe.config import EvalConfig
+from sftpipe.data.chat_templates import render
+from sftpipe.data.tokenized import read_parquet, tokenize_conversation
 from sftpipe.evaluation import gate, report
 from sftpipe.modeling import classify, lm, models
 from sftpipe.progress import Progress, format_duration
 from sftpipe.stages.finetune import TRAINING_LOG
-from sftpipe.stages.tokenize import read_parquet, render
 
 PROGRESS_EVERY_S = 5.0  # generation progress lines at most this often (and at the end)
 
@@ -106,8 +107,6 @@ def load_eval_set(validation_path: str | Path, eval_prompts: int) -> EvalSet:
 def for_tokenizer(eval_set: EvalSet, tokenizer: Any, checked: int = 16) -> EvalSet:
     """The same evaluation set for a model with another tokenizer: rows re-tokenized from
     their messages (same length budget) when `tokenizer` does not reproduce them."""
-    from sftpipe.stages.tokenize import tokenize_conversation
-
     budget = max((len(row["input_ids"]) for row in eval_set.rows), default=1)
 
     def again(row: dict[str, Any]) -> Any:

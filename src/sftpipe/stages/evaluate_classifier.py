@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sftpipe.config import EvalConfig
+from sftpipe.data.tokenized import read_label_map, read_parquet
 from sftpipe.evaluation import class_metrics, gate, report
 from sftpipe.modeling import classify, lm, models
 from sftpipe.progress import format_duration
@@ -35,7 +36,6 @@ from sftpipe.stages.evaluate import (
     model_digest,
     training_history,
 )
-from sftpipe.stages.tokenize import read_label_map, read_parquet
 
 BASE_HEAD_SEED = 0  # the fresh head of the base model: the same floor every run
 

@@ -43,11 +43,11 @@ import torch
 from sftpipe import storage
 from sftpipe.config import TrainConfig
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
+from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.progress import Progress, format_duration
-from sftpipe.stages.tokenize import read_parquet, schema_metadata
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
 BEST_FILE = "best.pt"  # the best weights so far (scratch space and checkpoints)

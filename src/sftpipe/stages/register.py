@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from sftpipe.config import EvalConfig, RegisterConfig
+from sftpipe.data.tokenized import read_parquet
 from sftpipe.evaluation import gate
 from sftpipe.modeling import classify, lm, models
 from sftpipe.stages import evaluate, evaluate_classifier
-from sftpipe.stages.tokenize import read_parquet
 from sftpipe.tracking import registry
 from sftpipe.tracking.runs import PIPELINE_RUN_TAG, Tracker
 

@@ -44,7 +44,7 @@ from sftpipe import storage
 from sftpipe.config import TokenizeConfig
 from sftpipe.data import chat_templates, packing, parallel, readers, records
 from sftpipe.data.byte_level import ByteLevelEncoder
-from sftpipe.data.chat_templates import assistant_spans, render, token_ranges
+from sftpipe.data.chat_templates import assistant_spans, token_ranges
 from sftpipe.data.schemas import (
     CHAT_TEMPLATE_KEY,
     LABEL_MAP_KEY,
@@ -52,45 +52,22 @@ from sftpipe.data.schemas import (
     QuarantineRow,
     Reason,
 )
+from sftpipe.data.tokenized import (
+    IGNORE_INDEX,
+    chat_schema,
+    classification_schema,
+    labels_for,
+)
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import models
 from sftpipe.progress import Progress
 
-IGNORE_INDEX = -100
 _BATCH = 1024  # rows per worker task (fewer tasks to send, and fewer template checks)
 # A row group is written when it has this many rows or tokens, whichever comes first: the
 # token bound keeps the buffer (12 bytes a token in packed rows, copied once more when written)
 # near 25 MB whatever max_length is.
 _ROW_GROUP_ROWS, _ROW_GROUP_TOKENS = 4096, 1 << 20
 _PROGRESS_SECONDS = 10.0  # between progress lines
-
-__all__ = ["assistant_spans", "render"]  # re-exported: evaluate and chat render with them
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool
-
-
-def labels_for(input_ids: list[int], ranges: list[tuple[int, int]]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for first, last in ranges:
-        labels[first:last] = input_ids[first:last]
-    if labels:
-        labels[0] = IGNORE_INDEX
-    return labels
-
-
-def tokenize_conversation(tokenizer: Any, messages: list[Message], max_length: int) -> Tokenized:
-    """One conversation (Jinja rendering, no fast path): ids and assistant-only labels."""
-    text, spans = assistant_spans(tokenizer, messages)
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    input_ids = list(encoding.ids)
-    labels = labels_for(input_ids, token_ranges(encoding, spans))
-    truncated = len(input_ids) > max_length
-    return Tokenized(input_ids[:max_length], labels[:max_length], truncated)
 
 
 def is_validation(row_id: str, fraction: float) -> bool:
@@ -253,43 +230,6 @@ def _split_stratified(
 # ----------------------------------------------------------------------------------------------
 # Writing Parquet in row groups
 # ----------------------------------------------------------------------------------------------
-
-
-def _schema(columns: list[tuple[str, Any]], metadata: dict[str, str]) -> Any:
-    import pyarrow as pa
-
-    return pa.schema(columns, metadata={k.encode(): v.encode() for k, v in metadata.items()})
-
-
-def chat_schema(packed: bool, metadata: dict[str, str]) -> Any:
-    import pyarrow as pa
-
-    columns = [
-        ("id", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("num_tokens", pa.int32()),
-        ("num_loss_tokens", pa.int32()),
-        ("messages", pa.string()),
-    ]
-    if packed:
-        columns += [("position_ids", pa.list_(pa.int32())), ("num_samples", pa.int32())]
-    return _schema(columns, metadata)
-
-
-def classification_schema(metadata: dict[str, str]) -> Any:
-    import pyarrow as pa
-
-    return _schema(
-        [
-            ("id", pa.string()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("label", pa.int32()),
-            ("num_tokens", pa.int32()),
-            ("text", pa.string()),
-        ],
-        metadata,
-    )
 
 
 class _ParquetOut:
@@ -813,22 +753,3 @@ def _write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
         for row in rows:
             out.add(row)
         out.close()
-
-
-def read_parquet(path: str | Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def schema_metadata(path: str | Path) -> dict[str, str]:
-    """What tokenize stored in a Parquet file's schema metadata (label map, chat template)."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    return {key.decode(): value.decode() for key, value in metadata.items()}
-
-
-def read_label_map(path: str | Path) -> dict[str, int]:
-    """The label map stored in a tokenized classification file's schema metadata."""
-    return json.loads(schema_metadata(path)[LABEL_MAP_KEY])

@@ -1,8 +1,8 @@
 import torch
 
+from sftpipe.data.tokenized import read_parquet
 from sftpipe.modeling import lm
 from sftpipe.modeling.models import load_causal_lm, load_tokenizer
-from sftpipe.stages.tokenize import read_parquet
 
 
 def pack(rows):

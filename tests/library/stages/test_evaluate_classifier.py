@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftpipe.config import EvalConfig, RegisterConfig
+from sftpipe.data.tokenized import read_parquet
 from sftpipe.stages import evaluate, evaluate_classifier
-from sftpipe.stages.tokenize import read_parquet
 
 GATE = RegisterConfig().gate_spec("classification")
 CONFIG = EvalConfig(num_samples=5, eval_batch_size=8)

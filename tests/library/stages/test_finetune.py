@@ -8,6 +8,7 @@ from fixtures.data import tokenize_chats
 from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
+from sftpipe.data.tokenized import read_parquet
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import lm
 from sftpipe.modeling.models import load_causal_lm, load_tokenizer
@@ -43,7 +44,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, tokenized, tmp_path)
 
 def test_naive_per_micro_batch_mean_would_differ(tiny_model_dir, tokenized):
     """The test above can fail: averaging per micro-batch gives another gradient."""
-    rows = tokenize.read_parquet(tokenized[0])[:4]
+    rows = read_parquet(tokenized[0])[:4]
     assert len({r["num_loss_tokens"] for r in rows}) > 1
     model = load_causal_lm(tiny_model_dir)
     pad = load_tokenizer(tiny_model_dir).pad_token_id
@@ -76,7 +77,7 @@ def test_training_lowers_validation_loss_and_exports_best(tiny_model_dir, tokeni
     assert logged["best_step"] == report.best_step
     # What was exported is the best model: its validation loss is the best one.
     model, tokenizer = load_causal_lm(out), load_tokenizer(out)
-    rows = tokenize.read_parquet(tokenized[1])
+    rows = read_parquet(tokenized[1])
     loss = lm.mean_loss(
         model,
         rows,

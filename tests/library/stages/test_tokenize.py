@@ -6,16 +6,16 @@ import pytest
 
 from sftpipe.config import TokenizeConfig
 from sftpipe.data.chat_templates import CHATML, Renderer, assistant_spans
-from sftpipe.errors import SftpipeError
-from sftpipe.modeling.models import load_tokenizer
-from sftpipe.stages import tokenize
-from sftpipe.stages.clean import conversation_id
-from sftpipe.stages.tokenize import (
+from sftpipe.data.tokenized import (
     IGNORE_INDEX,
     read_label_map,
     read_parquet,
     tokenize_conversation,
 )
+from sftpipe.errors import SftpipeError
+from sftpipe.modeling.models import load_tokenizer
+from sftpipe.stages import tokenize
+from sftpipe.stages.clean import conversation_id
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
