@@ -11,9 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sftpipe.modeling import attention
 from sftpipe.modeling.distributed import SINGLE, World
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what collate feeds the model
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -39,7 +41,29 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         else:
             mask_or_positions[i, :n] = 1
     key = "position_ids" if packed else "attention_mask"
-    return {"input_ids": input_ids, "labels": labels, key: mask_or_positions}
+    batch = {"input_ids": input_ids, "labels": labels, key: mask_or_positions}
+    batch |= loss_positions(labels)
+    # Sample boundaries for varlen attention (modeling/attention.py), found here on the host;
+    # a plain row is one sample (its right padding is never attended to by real tokens).
+    if packed:
+        batch["cu_seq_lens"] = attention.cu_seq_lens(mask_or_positions)
+    else:
+        batch["cu_seq_lens"] = torch.arange(0, len(rows) * width + 1, width, dtype=torch.int32)
+    return batch
+
+
+def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the loss is scored, found on the host where the batch is built: `loss_index`, the
+    flat indices (into batch x length) of the positions whose next token carries a label, and
+    `loss_targets`, those labels in the same order. With them the loss selects hidden states
+    by index; a boolean mask or a count read on the GPU would wait for the device every
+    micro-batch."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return {
+        "loss_index": torch.nonzero(predicts.reshape(-1)).reshape(-1),
+        "loss_targets": labels[:, 1:][labels[:, 1:] != IGNORE_INDEX],
+    }
 
 
 @torch.no_grad()
@@ -85,17 +109,21 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     Summing (not averaging) lets the caller normalize by the loss-bearing tokens of a whole
     gradient-accumulation window, so micro-batching never changes the gradient.
     """
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
+    if "loss_index" not in batch:  # a batch not built by collate
+        batch = batch | loss_positions(batch["labels"])
+    index, targets = batch["loss_index"], batch["loss_targets"]
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch} | {"use_cache": False}
+    inputs |= attention.batch_kwargs(batch, model)
     if _projects_hidden_states_directly(model):
-        hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
-        loss = chunked_cross_entropy(model.get_output_embeddings(), hidden, targets[mask])
+        hidden = model.base_model(**inputs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        loss = chunked_cross_entropy(model.get_output_embeddings(), hidden, targets)
     else:
-        logits = model(**inputs).logits[:, :-1][mask]
-        loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-    return loss, int(mask.sum())
+        logits = model(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, index.numel()
 
 
 LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk of chunked_cross_entropy

@@ -22,7 +22,8 @@ def test_packed_rows_give_the_loss_and_gradient_of_separate_rows(tiny_model_dir,
     rows = read_parquet(tokenized[0])[:6]
     packed = [pack(rows[:4]), pack(rows[4:])]  # two bins of different lengths: one is padded
     batch = lm.collate(packed, pad)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    model_inputs = {"input_ids", "position_ids"}  # no mask: samples apart by position_ids
+    assert set(batch) == model_inputs | {"labels", "loss_index", "loss_targets", "cu_seq_lens"}
 
     def loss_and_grads(batch):
         model.zero_grad()
