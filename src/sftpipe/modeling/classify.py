@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sftpipe.data import tokenized
 from sftpipe.errors import SftpipeError
-from sftpipe.modeling import lm
+from sftpipe.modeling import lm, models
 from sftpipe.modeling.distributed import SINGLE, World
 
 
@@ -119,16 +119,24 @@ def check_labels(rows: Sequence[dict[str, Any]], labels: dict[str, int], where: 
 
 def load_model(model_dir: Path, labels: dict[str, int], uri: str = "") -> Any:
     """An AutoModelForSequenceClassification with a head sized for `labels` (a fresh head when
-    the base is a plain encoder or has another number of classes)."""
+    the base is a plain encoder or has another number of classes).
+
+    Decoders (Llama, GPT-2, ...) classify from the last token: transformers' heads take the
+    rightmost position whose id is not `config.pad_token_id`, which handles right padding (what
+    `collate` does) and left padding alike, but only when that id is the one the batches are
+    padded with. A decoder config often has none (GPT-2) or another one than the tokenizer, so
+    it is set here from the tokenizer saved with the model, the one `collate` pads with."""
     from transformers import AutoModelForSequenceClassification
 
     id2label = {i: name for name, i in labels.items()}
+    pad_token_id = models.load_tokenizer(model_dir, uri, chat=False).pad_token_id
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             model_dir,
             num_labels=len(labels),
             id2label=id2label,
             label2id=labels,
+            pad_token_id=pad_token_id,
             ignore_mismatched_sizes=True,
             dtype="float32",
         )
