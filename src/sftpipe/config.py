@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sftpipe.errors import SftpipeError
-from sftpipe.evaluation import gate
+from sftpipe.evaluation import gate, metrics
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
@@ -390,10 +390,9 @@ class RegisterConfig(Section):
     )
     gate_metric: str = Field(
         "",
-        description="Primary metric of the quality gate: validation_loss, perplexity, rouge_l, "
-        "chrf, bleu, eos_rate, accuracy, macro_f1, macro_precision, macro_recall or "
-        "min_class_recall (empty: the task's own, validation_loss for chat, macro_f1 for "
-        "classification).",
+        description="Primary metric of the quality gate: "
+        f"{metrics.spoken_list(metrics.GATE_METRICS)} (empty: the task's own, validation_loss "
+        "for chat, macro_f1 for classification).",
     )
     min_improvement: float = Field(
         0.0,
@@ -419,9 +418,10 @@ class RegisterConfig(Section):
             gate.parse_guards(value)
         return value
 
-    def gate_spec(self, task: str = "chat") -> gate.GateSpec:
+    def gate_spec(self, task_gate: gate.TaskGate) -> gate.GateSpec:
+        """The gate of these settings; empty ones are the task's (`Task.default_gate`)."""
         return gate.GateSpec.from_fields(
-            self.gate_metric, self.min_improvement, self.gate_guards, task
+            self.gate_metric, self.min_improvement, self.gate_guards, task_gate
         )
 
 

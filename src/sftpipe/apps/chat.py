@@ -74,7 +74,7 @@ class ChatSession:
         temperature: float = 0.0,
     ) -> None:
         from sftpipe.modeling import lm
-        from sftpipe.stages.evaluate import context_length, eos_token_ids, generation_dtype
+        from sftpipe.modeling.generation import context_length, eos_token_ids, generation_dtype
 
         self.model, self.tokenizer = model, tokenizer
         self.system, self.max_new_tokens, self.temperature = system, max_new_tokens, temperature

@@ -25,6 +25,7 @@ import yaml
 
 from sftpipe.config import FIELDS, SECTIONS, PipelineConfig
 from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
+from sftpipe.evaluation import metrics
 
 DEFAULT_PACKAGE = Path("sftpipe-sft.yaml")
 
@@ -114,23 +115,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_METRICS = (
-    "validation_loss",
-    "perplexity",
-    "rouge_l",
-    "chrf",
-    "bleu",
-    "eos_rate",
-    "mean_response_tokens",
-    "accuracy",
-    "macro_f1",
-    "min_class_recall",
-)
+# The metrics of the summary, in the order of the metrics table.
+SUMMARY_METRICS = tuple(m.name for m in metrics.listed("summary"))
 
 
 def print_summary(config: PipelineConfig, result: Any) -> None:
     from mlflow.tracking import MlflowClient
 
+    from sftpipe import tasks
     from sftpipe.progress import format_duration
     from sftpipe.tracking.runs import model_version_url
 
@@ -166,7 +158,7 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
         local = "" if store == Path(".sftpipe").resolve() else f" --workdir {store}"
         if not result.tracking_uri.startswith("sqlite:///"):
             local = ""
-        if "tuned_accuracy" not in version.tags:
+        if tasks.of_version_tags(version.tags).can_chat:
             print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
     print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
 

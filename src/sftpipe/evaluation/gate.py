@@ -12,8 +12,9 @@ and then uses it once more to decide whether the new version takes `champion` fr
 champion (re-scored on the same evaluation set).
 
 Metric names are those of the evaluation without the model prefix: `validation_loss` for
-`base_validation_loss` / `tuned_validation_loss`. Each task has its defaults
-(`TASK_DEFAULTS`); the config's `gate_metric` / `gate_guards` override them.
+`base_validation_loss` / `tuned_validation_loss`; which metrics exist and which way is better
+comes from the metrics table (`sftpipe.evaluation.metrics`). Each task has its own default gate
+(`sftpipe.tasks`); the config's `gate_metric` / `gate_guards` override it.
 
 This module imports nothing heavy: the config validates gate settings with it.
 """
@@ -25,45 +26,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sftpipe.errors import SftpipeError
+from sftpipe.evaluation import metrics
 
-HIGHER, LOWER = 1, -1
+HIGHER, LOWER = metrics.HIGHER, metrics.LOWER
 
-DIRECTIONS: dict[str, int] = {
-    "validation_loss": LOWER,
-    "perplexity": LOWER,
-    "rouge_l": HIGHER,
-    "chrf": HIGHER,
-    "bleu": HIGHER,
-    "eos_rate": HIGHER,
-    # classification
-    "accuracy": HIGHER,
-    "macro_f1": HIGHER,
-    "macro_precision": HIGHER,
-    "macro_recall": HIGHER,
-    "min_class_recall": HIGHER,
-}
-"""Metrics a gate can use, and which way is better."""
+DIRECTIONS: dict[str, int] = {m.name: m.direction for m in metrics.METRICS if m.direction}
+"""Metrics a gate can use, and which way is better (from the metrics table)."""
 
-GENERATION_METRICS = frozenset({"rouge_l", "chrf", "bleu", "eos_rate"})
-"""Gate metrics that need generated answers (the others come from the loss pass alone)."""
+GENERATION_METRICS = frozenset(m.name for m in metrics.METRICS if m.needs_generation)
+"""Metrics that need generated answers (the others come from the loss pass alone)."""
 
 NO_GUARDS = "none"
 
 
 @dataclass(frozen=True)
 class TaskGate:
+    """A task's own gate, used when the config leaves gate_metric / gate_guards empty."""
+
     primary: str
     guards: str
-
-
-TASK_DEFAULTS: dict[str, TaskGate] = {
-    # Validation loss is the most reliable signal of a chat fine-tune; the EOS rate guard
-    # catches models that stopped ending their turns (template or label-mask bugs).
-    "chat": TaskGate(primary="validation_loss", guards="eos_rate:0.05"),
-    # Macro F1 weighs every class alike (accuracy hides a rare class); the recall guard stops
-    # a model that wins on average by giving up one class (the worst class may lose 5 points).
-    "classification": TaskGate(primary="macro_f1", guards="min_class_recall:0.05"),
-}
 
 
 @dataclass(frozen=True)
@@ -80,10 +61,9 @@ class GateSpec:
 
     @classmethod
     def from_fields(
-        cls, gate_metric: str, min_improvement: float, gate_guards: str, task: str = "chat"
+        cls, gate_metric: str, min_improvement: float, gate_guards: str, defaults: TaskGate
     ) -> GateSpec:
         """The gate from the config fields; empty fields mean the task's defaults."""
-        defaults = TASK_DEFAULTS[task]
         primary = check_metric(gate_metric or defaults.primary)
         return cls(primary, min_improvement, parse_guards(gate_guards or defaults.guards))
 

@@ -44,33 +44,6 @@ def loss_curve_png(history: Sequence[dict[str, float]]) -> bytes:
     return _png(figure)
 
 
-# Metrics of the report's table, in order: (name, how to show it).
-_TABLE = (
-    ("validation_loss", "{:.4f}"),
-    ("perplexity", "{:.2f}"),
-    ("rouge_l", "{:.2f}"),
-    ("chrf", "{:.2f}"),
-    ("bleu", "{:.2f}"),
-    ("eos_rate", "{:.1%}"),
-    ("mean_response_tokens", "{:.1f}"),
-    ("generation_tokens_per_s", "{:.1f}"),
-    ("accuracy", "{:.1%}"),
-    ("macro_f1", "{:.4f}"),
-    ("macro_precision", "{:.4f}"),
-    ("macro_recall", "{:.4f}"),
-    ("min_class_recall", "{:.1%}"),
-)
-_LABELS = {
-    "validation_loss": "validation loss (per assistant token)",
-    "rouge_l": "ROUGE-L F1 (0-100)",
-    "chrf": "chrF (0-100)",
-    "bleu": "BLEU (0-100)",
-    "eos_rate": "EOS rate (answer ended within the budget)",
-    "mean_response_tokens": "mean response length (tokens)",
-    "generation_tokens_per_s": "generation speed (tokens/s)",
-    "macro_f1": "macro F1",
-    "min_class_recall": "worst class recall",
-}
 MODELS = {"base": "base", "tuned": "tuned", "tfidf": "TF-IDF + LogReg"}
 """Columns of the report: every model whose metrics are there (tfidf: classification only)."""
 _BARS = ("rouge_l", "chrf", "bleu", "eos_rate")
@@ -168,11 +141,12 @@ def classification_samples(samples: Sequence[Any], count: int) -> list[Any]:
 
 
 def _metrics_table(metrics: dict[str, float], models: list[str]) -> list[str]:
-    from sftpipe.evaluation.gate import DIRECTIONS
+    from sftpipe.evaluation.metrics import METRICS
 
     header = "".join(f"<th>{MODELS[m]}</th>" for m in models)
     rows = [f"<table><tr><th>metric</th>{header}<th>tuned - base</th></tr>"]
-    for name, shape in _TABLE:
+    for row in METRICS:
+        name, shape = row.name, row.format
         if f"tuned_{name}" not in metrics:
             continue
         base = metrics.get(f"base_{name}")
@@ -183,7 +157,7 @@ def _metrics_table(metrics: dict[str, float], models: list[str]) -> list[str]:
                 model == "tuned"
                 and base is not None
                 and value is not None
-                and (value - base) * DIRECTIONS.get(name, 0) > 0
+                and (value - base) * (row.direction or 0) > 0
             )
             css = ' class="num better"' if better else " class=num"
             cells.append(f"<td{css}>{'' if value is None else shape.format(value)}</td>")
@@ -191,8 +165,7 @@ def _metrics_table(metrics: dict[str, float], models: list[str]) -> list[str]:
         if base is not None:
             delta = metrics[f"tuned_{name}"] - base
             change = f"{delta * 100:+.1f} pt" if "%" in shape else f"{delta:+.4g}"  # rates
-        label = _LABELS.get(name, name.replace("_", " "))
-        rows.append(f"<tr><td>{label}</td>{''.join(cells)}<td class=num>{change}</td></tr>")
+        rows.append(f"<tr><td>{row.label}</td>{''.join(cells)}<td class=num>{change}</td></tr>")
     rows.append("</table>")
     return rows
 

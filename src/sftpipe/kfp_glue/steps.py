@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sftpipe import storage
+from sftpipe import storage, tasks
 from sftpipe.config import (
     FIELDS,
     DataConfig,
@@ -29,7 +29,6 @@ from sftpipe.config import (
     TrainConfig,
 )
 from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
-from sftpipe.modeling import classify
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -363,14 +362,16 @@ def evaluate(
     # Only the gate fields of the registry section are inputs here (register logs them all).
     registry_config = RegisterConfig.from_values(params)
     tracker = _tracker(params, config)
+    task = tasks.of_tokenized(validation.path)
     result = evaluate_stage.run(
         config,
-        registry_config.gate_spec(classify.task_of(validation.path)),
+        registry_config.gate_spec(task.default_gate),
         base.base_model,
         model.path,
         validation.path,
         report.path,
         train_path=train.path,
+        task=task,
     )
     _record(metrics, tracker, "evaluate", result.metrics)
     if result.confusion is not None:

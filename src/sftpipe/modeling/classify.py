@@ -23,11 +23,6 @@ def label_map(path: str | Path) -> dict[str, int] | None:
     return tokenized.label_map(path)
 
 
-def task_of(path: str | Path) -> str:
-    """The gate's task of a tokenized file: "classification" with a label map, else "chat"."""
-    return "classification" if label_map(path) is not None else "chat"
-
-
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

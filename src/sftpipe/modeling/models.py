@@ -10,6 +10,8 @@ from sftpipe.errors import SftpipeError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# What finetune saves beside the weights of a tuned model: its loss history and summary.
+TRAINING_LOG = "sftpipe_training.json"
 
 
 def fetch(uri: str, weights: bool = True) -> Path:

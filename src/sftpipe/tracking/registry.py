@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sftpipe.errors import SftpipeError
+from sftpipe.evaluation import metrics
 from sftpipe.tracking.runs import PIPELINE_RUN_TAG
 
 CHAMPION = "champion"
@@ -147,6 +149,187 @@ def set_alias(client: Any, name: str, alias: str, version: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Serializing the champion decision
+# ---------------------------------------------------------------------------------------------
+
+LOCK_TAG = "sftpipe.lock"  # marks the lock's registered model (`sftpipe models` hides it)
+LOCK_OWNER_TAG = "sftpipe.lock.owner"
+LOCK_EXPIRES_TAG = "sftpipe.lock.expires"  # epoch seconds; the holder renews it
+LEASE_ENV = "SFTPIPE_CHAMPION_LEASE_S"
+WAIT_ENV = "SFTPIPE_CHAMPION_WAIT_S"
+POLL_ENV = "SFTPIPE_CHAMPION_POLL_S"
+DEFAULT_LEASE_S = 300.0
+DEFAULT_WAIT_S = 3600.0
+DEFAULT_POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    owner: str
+    expires: float
+
+
+class ChampionLock:
+    """A lease on deciding the champion of registered model `name`, held by one register step
+    at a time, across pods, with nothing but the MLflow server.
+
+    Why this primitive: MLflow aliases and tags are last-writer-wins (no compare-and-set), so
+    a tag cannot be a mutex: two writers both read back their own value in some orders. What
+    MLflow's store does atomically is create a registered model: the name is the table's
+    primary key, the create and its tags are one transaction, and a second create fails with
+    RESOURCE_ALREADY_EXISTS (PostgreSQL, MySQL and SQLite alike). So the lock is a registered
+    model `<name>.sftpipe-champion-lock`, created to acquire and deleted to release. A
+    PostgreSQL advisory lock would need the database's credentials in every pipeline pod
+    (they reach MLflow over HTTP only), and S3 conditional writes are not in every store.
+
+    A holder that dies leaves the lock behind: it carries its owner and an expiry that the
+    holder renews every third of the lease (a heartbeat thread), and a waiter deletes it once
+    it has expired, after reading it again and finding the same owner and expiry (the compare
+    step). Before it moves the alias, the holder checks that it still holds the lock (`check`).
+    """
+
+    def __init__(self, client: Any, name: str, owner: str) -> None:
+        self.client, self.name, self.owner = client, name, owner
+        self.lock_name = f"{name}.sftpipe-champion-lock"
+        self.lease_s = float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_S))
+        self.wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
+        self.poll_s = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> ChampionLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while not self._try_create():
+            holder = self.holder()
+            if holder is None:
+                continue  # released between our create and our read: try again at once
+            if holder.expires < time.time():
+                self._break(holder)
+                continue
+            if time.monotonic() > deadline:
+                raise SftpipeError(
+                    f"models:/{self.name}",
+                    f"waited {self.wait_s:g} s for {holder.owner!r} to decide the champion",
+                    f"retry the step; if no run is registering, delete the registered model "
+                    f"{self.lock_name!r}",
+                )
+            self.waiting(holder)
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._renew, daemon=True, name="champion-lease")
+        self._heartbeat.start()
+
+    def waiting(self, holder: LockHolder) -> None:
+        """Called while another step holds the lock: say so, then wait a poll interval."""
+        print(
+            f"[register] the champion of {self.name} is being decided by {holder.owner}: "
+            f"waiting (polling every {self.poll_s:g} s)",
+            flush=True,
+        )
+        time.sleep(self.poll_s)
+
+    def holder(self) -> LockHolder | None:
+        """Who holds the lock now; None when nobody does."""
+
+        def get() -> Any | None:
+            try:
+                return self.client.get_registered_model(self.lock_name)
+            except Exception as exc:
+                if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                    return None
+                raise
+
+        model = retrying(f"read the champion lock of {self.name!r}", get)
+        if model is None:
+            return None
+        tags = model.tags or {}
+        return LockHolder(tags.get(LOCK_OWNER_TAG, ""), float(tags.get(LOCK_EXPIRES_TAG, 0)))
+
+    def check(self) -> None:
+        """Raise unless this step still holds the lock (its lease was not broken)."""
+        holder = self.holder()
+        if holder is None or holder.owner != self.owner:
+            raise SftpipeError(
+                f"models:/{self.name}",
+                f"lost the champion lock to {holder.owner if holder else 'nobody'} "
+                "(the lease expired)",
+                f"retry the step; a slow re-score may need a longer {LEASE_ENV}",
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        holder = self.holder()
+        if holder is not None and holder.owner == self.owner:
+            self._delete()
+
+    def _try_create(self) -> bool:
+        tags = {
+            LOCK_TAG: "champion",
+            LOCK_OWNER_TAG: self.owner,
+            LOCK_EXPIRES_TAG: f"{time.time() + self.lease_s:.3f}",
+        }
+
+        def create() -> bool:
+            try:
+                self.client.create_registered_model(
+                    self.lock_name,
+                    tags=tags,
+                    description=f"sftpipe: held while the champion of {self.name} is decided",
+                )
+            except Exception as exc:
+                # Taken; or deleted by its holder while the server looked it up to say so.
+                if error_code(exc) in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    return False
+                raise
+            return True
+
+        return retrying(f"take the champion lock of {self.name!r}", create)
+
+    def _break(self, stale: LockHolder) -> None:
+        """Delete an expired lock, unless it changed hands since it was read."""
+        if self.holder() != stale:
+            return
+        print(
+            f"[register] breaking the champion lock of {self.name}: {stale.owner} let its "
+            "lease expire",
+            flush=True,
+        )
+        self._delete()
+
+    def _delete(self) -> None:
+        def delete() -> None:
+            try:
+                self.client.delete_registered_model(self.lock_name)
+            except Exception as exc:
+                if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+
+        retrying(f"release the champion lock of {self.name!r}", delete)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            holder = self.holder()
+            if holder is None or holder.owner != self.owner:
+                return  # broken: `check` says so before the alias moves
+            expires = f"{time.time() + self.lease_s:.3f}"
+            retrying(
+                f"renew the champion lock of {self.name!r}",
+                lambda e=expires: self.client.set_registered_model_tag(
+                    self.lock_name, LOCK_EXPIRES_TAG, e
+                ),
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # Registered models as local Hugging Face folders
 # ---------------------------------------------------------------------------------------------
 
@@ -227,15 +410,8 @@ def download(uri: str, dest: Path) -> Path:
 # `sftpipe models`
 # ---------------------------------------------------------------------------------------------
 
-KEY_METRICS = (
-    ("tuned_validation_loss", "val_loss"),
-    ("tuned_perplexity", "ppl"),
-    ("tuned_chrf", "chrF"),
-    ("tuned_rouge_l", "ROUGE-L"),
-    ("tuned_eos_rate", "EOS"),
-    ("tuned_accuracy", "acc"),
-    ("tuned_macro_f1", "macro F1"),
-)
+# The columns of `sftpipe models`: the tuned model's metrics with a short name in the table.
+KEY_METRICS = tuple((f"tuned_{m.name}", m.short) for m in metrics.listed("short"))
 
 
 def use_local_store(workdir: Path) -> None:
@@ -257,7 +433,8 @@ def version_rows(client: Any, name: str = "") -> list[dict[str, str]]:
     if name:
         names = [name]
     else:
-        names = sorted(m.name for m in retrying("list models", client.search_registered_models))
+        listed = retrying("list models", client.search_registered_models)
+        names = sorted(m.name for m in listed if LOCK_TAG not in (m.tags or {}))
     rows = []
     for model in names:
         versions = retrying(

@@ -3,15 +3,16 @@ import pytest
 from sftpipe.config import RegisterConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.evaluation import gate
+from sftpipe.tasks import chat, classification
 
 BASE = {"validation_loss": 3.0, "chrf": 20.0, "eos_rate": 0.9}
 
 
 def test_chat_defaults_primary_loss_and_eos_guard():
-    spec = RegisterConfig().gate_spec()
+    spec = RegisterConfig().gate_spec(chat.TASK.default_gate)
     assert spec.primary == "validation_loss" and spec.margin == 0.0
     assert spec.guards == (gate.Guard("eos_rate", 0.05),) and spec.needs_generation
-    assert not RegisterConfig(gate_guards="none").gate_spec().needs_generation
+    assert not RegisterConfig(gate_guards="none").gate_spec(chat.TASK.default_gate).needs_generation
 
 
 def test_primary_margin_follows_the_metric_direction():
@@ -56,13 +57,15 @@ def test_prefixed():
 
 
 def test_task_defaults():
-    chat, classification = (RegisterConfig().gate_spec(task) for task in ("chat", "classification"))
-    assert chat.metrics == ("validation_loss", "eos_rate") and chat.needs_generation
-    assert classification.metrics == ("macro_f1", "min_class_recall")
-    assert not classification.needs_generation
+    chat_gate, class_gate = (
+        RegisterConfig().gate_spec(task.default_gate) for task in (chat.TASK, classification.TASK)
+    )
+    assert chat_gate.metrics == ("validation_loss", "eos_rate") and chat_gate.needs_generation
+    assert class_gate.metrics == ("macro_f1", "min_class_recall")
+    assert not class_gate.needs_generation
     # A classifier that wins on average by giving up its rare class is refused.
     decision = gate.decide(
-        classification,
+        class_gate,
         {"macro_f1": 0.50, "min_class_recall": 0.40},
         {"macro_f1": 0.60, "min_class_recall": 0.30},
     )

@@ -4,9 +4,12 @@ import pytest
 from fixtures.data import tokenize_chats
 
 from sftpipe.config import EvalConfig, RegisterConfig, TrainConfig
+from sftpipe.evaluation.text_metrics import text_metrics
+from sftpipe.modeling.generation import generate
 from sftpipe.stages import evaluate, finetune
+from sftpipe.tasks import chat
 
-GATE = RegisterConfig().gate_spec()
+GATE = RegisterConfig().gate_spec(chat.TASK.default_gate)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_base_vs_tuned_metrics_gate_and_report(tiny_model_dir, trained, tmp_path
 
 def test_no_prompts_means_loss_only(tiny_model_dir, trained, tmp_path):
     tuned, validation = trained
-    spec = RegisterConfig(gate_guards="none").gate_spec()
+    spec = RegisterConfig(gate_guards="none").gate_spec(chat.TASK.default_gate)
     config = EvalConfig(eval_prompts=0, num_samples=0)
     result = evaluate.run(config, spec, str(tiny_model_dir), tuned, validation, tmp_path / "r.html")
     assert "tuned_chrf" not in result.metrics and result.samples == [] and result.plots == {}
@@ -82,8 +85,8 @@ def test_generation_is_batched_deterministic_and_stops_at_eos(tiny_model_dir):
     model = models.load_causal_lm(tiny_model_dir)
     prompts = [[{"role": "user", "content": text}] for text in ("Hi", "你好，你是谁？", "a b c d")]
     device = lm.default_device()
-    batched = evaluate.generate(model, tokenizer, prompts, 12, 3, device, None)
-    one_by_one = evaluate.generate(model, tokenizer, prompts, 12, 1, device, None)
+    batched = generate(model, tokenizer, prompts, 12, 3, device, None)
+    one_by_one = generate(model, tokenizer, prompts, 12, 1, device, None)
     assert [g.text for g in batched.generations] == [g.text for g in one_by_one.generations]
     assert all(g.tokens <= 12 for g in batched.generations)
     # A model whose every answer is the end-of-turn token: all ended, none empty-looking.
@@ -95,7 +98,7 @@ def test_generation_is_batched_deterministic_and_stops_at_eos(tiny_model_dir):
             model.lm_head.weight.zero_()
             model.lm_head.weight[eos] = 1.0
         try:
-            stopped = evaluate.generate(model, tokenizer, prompts, 12, 2, device, None)
+            stopped = generate(model, tokenizer, prompts, 12, 2, device, None)
         finally:
             with __import__("torch").no_grad():
                 model.lm_head.weight.copy_(bias)
@@ -103,12 +106,12 @@ def test_generation_is_batched_deterministic_and_stops_at_eos(tiny_model_dir):
 
 
 def test_text_metrics():
-    perfect = evaluate.text_metrics(["the cat sat"], ["the cat sat"])
+    perfect = text_metrics(["the cat sat"], ["the cat sat"])
     assert perfect["rouge_l"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
     # Chinese is scored character by character, not as empty text.
-    zh = evaluate.text_metrics(["今天天气很好"], ["今天天气很好。"])
+    zh = text_metrics(["今天天气很好"], ["今天天气很好。"])
     assert zh["rouge_l"] > 90 and zh["bleu"] > 0
-    assert evaluate.text_metrics([""], ["something"])["rouge_l"] == 0.0
+    assert text_metrics([""], ["something"])["rouge_l"] == 0.0
 
 
 def test_eval_set_follows_another_tokenizer(tiny_model_dir, trained, tmp_path):
@@ -118,12 +121,12 @@ def test_eval_set_follows_another_tokenizer(tiny_model_dir, trained, tmp_path):
     from sftpipe.modeling import models
 
     _, validation = trained
-    eval_set = evaluate.load_eval_set(validation, 2)
+    eval_set = chat.load_eval_set(validation, 2)
     same = models.load_tokenizer(tiny_model_dir)
-    assert evaluate.for_tokenizer(eval_set, same) is eval_set
+    assert chat.for_tokenizer(eval_set, same) is eval_set
     other_dir = build_tiny_chat_model(tmp_path / "other", corpus=default_corpus()[::3])
     other = models.load_tokenizer(other_dir)
-    again = evaluate.for_tokenizer(eval_set, other)
+    again = chat.for_tokenizer(eval_set, other)
     assert again.prompts == eval_set.prompts and len(again.rows) == len(eval_set.rows)
     assert [r["input_ids"] for r in again.rows] != [r["input_ids"] for r in eval_set.rows]
     for row in again.rows:

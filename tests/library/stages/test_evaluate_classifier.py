@@ -9,9 +9,10 @@ from transformers import AutoTokenizer
 
 from sftpipe.config import EvalConfig, RegisterConfig
 from sftpipe.data.tokenized import read_parquet
-from sftpipe.stages import evaluate, evaluate_classifier
+from sftpipe.stages import evaluate
+from sftpipe.tasks import classification
 
-GATE = RegisterConfig().gate_spec("classification")
+GATE = RegisterConfig().gate_spec(classification.TASK.default_gate)
 CONFIG = EvalConfig(num_samples=5, eval_batch_size=8)
 
 
@@ -78,7 +79,7 @@ def test_report_shows_matrices_per_class_metrics_and_examples(result):
 def test_rows_follow_another_tokenizer(splits, tiny_model_dir, encoder):
     rows = read_parquet(splits[1])
     same = AutoTokenizer.from_pretrained(encoder)
-    assert evaluate_classifier.for_tokenizer(rows, same) is rows
+    assert classification.for_tokenizer(rows, same) is rows
     shifted = [row | {"input_ids": [1, *row["input_ids"]]} for row in rows]
-    again = evaluate_classifier.for_tokenizer(shifted, same)
+    again = classification.for_tokenizer(shifted, same)
     assert [r["input_ids"] for r in again] == [r["input_ids"] for r in rows]
