@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kfp import dsl
-from sftpipe.components.clean import clean
+from sftpipe.components.clean import clean, data_digest
 from sftpipe.components.clean.fan_out import clean_merge, clean_plan, clean_shard
 from sftpipe.components.evaluate import evaluate
 from sftpipe.components.finetune import finetune
@@ -68,10 +68,14 @@ def _in_image(component: Any, image: str) -> Any:
     return variant
 
 
-def _clean_in_shards(values: dict[str, Any], cluster: ClusterOptions, on_cluster: Any) -> Any:
+def _clean_in_shards(
+    values: dict[str, Any], digest: Any, cluster: ClusterOptions, on_cluster: Any
+) -> Any:
     """clean fanned out over groups of input files, merged by a last task whose outputs are
     those of `clean` (cleaned, quarantine, metrics, report)."""
-    plan = clean_plan(**_inputs(clean_plan, values), num_shards=cluster.clean_shards)
+    plan = clean_plan(
+        **_inputs(clean_plan, values), data_digest=digest, num_shards=cluster.clean_shards
+    )
     plan.set_display_name("clean: plan shards").set_caching_options(True)
     on_cluster(plan, "clean")
     with dsl.ParallelFor(plan.outputs["shards"], parallelism=cluster.clean_shards) as shard:
@@ -136,12 +140,20 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         values = signature.bind(*args, **kwargs).arguments
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
+        # clean's cache key: the input files' digest, computed at run time by a task that is
+        # never cached, so new data at the same data_uri is cleaned again (tokenize follows:
+        # its input is clean's new output). Runs started from the KFP UI get it too.
+        digest_task = data_digest(**_inputs(data_digest, values))
+        digest_task.set_display_name("clean: data digest").set_caching_options(False)
+        on_cluster(digest_task, "clean")
+        digest = digest_task.output
+
         # No run id for clean and tokenize: an input would change their cache keys every run
         # (they read it from the environment, see sftpipe.kfp_glue.steps.RUN_ID_ENV).
         if cluster is not None and cluster.clean_shards > 1:
-            clean_task = _clean_in_shards(values, cluster, on_cluster)
+            clean_task = _clean_in_shards(values, digest, cluster, on_cluster)
         else:
-            clean_task = clean(**_inputs(clean, values))
+            clean_task = clean(**_inputs(clean, values), data_digest=digest)
         clean_task.set_display_name("clean").set_caching_options(True)
         on_cluster(clean_task, "clean")
 

@@ -1,3 +1,3 @@
-from sftpipe.components.clean.component import clean
+from sftpipe.components.clean.component import clean, data_digest
 
-__all__ = ["clean"]
+__all__ = ["clean", "data_digest"]

@@ -4,8 +4,19 @@ from sftpipe.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def data_digest(data_uri: str, file_format: str) -> str:
+    """A digest of the input files' sizes and ETags / modification times: clean takes it as an
+    input, so KFP's cache keys clean on the data itself, not on the `data_uri` string."""
+    inputs = dict(locals())  # first: exactly the component's inputs
+    from sftpipe.kfp_glue.steps import run_step
+
+    return run_step("data_digest", **inputs)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def clean(
     data_uri: str,
+    data_digest: str,
     file_format: str,
     record_format: str,
     max_bad_fraction: float,

@@ -12,6 +12,7 @@ from sftpipe.components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def clean_plan(
     data_uri: str,
+    data_digest: str,
     file_format: str,
     record_format: str,
     max_bad_fraction: float,

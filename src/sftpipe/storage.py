@@ -222,3 +222,42 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint(uris: list[str]) -> str:
+    """A digest of what the files at `uris` hold, from their metadata only: local files by size
+    and modification time (ns), S3 objects by ETag and size (one listing per bucket, not one
+    request per object). Any change of content changes it; a rewrite of identical bytes may too.
+    KFP's cache keys clean on it instead of on the `data_uri` string (new data, same URI)."""
+    digest = hashlib.sha256()
+    by_bucket: dict[str, list[str]] = {}
+    for uri in sorted(uris):
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+            continue
+        try:
+            stat = Path(uri).stat()
+        except OSError as exc:
+            raise SftpipeError(uri, f"cannot read it ({exc.strerror})", "check the path") from None
+        digest.update(f"{uri}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    for bucket, keys in sorted(by_bucket.items()):
+        common = os.path.commonprefix(keys)  # noqa: RUF071 (an S3 prefix is a string)
+        listed = _list_entries(bucket, common, f"s3://{bucket}/{common}")
+        for key in keys:
+            if key not in listed:
+                raise SftpipeError(f"s3://{bucket}/{key}", "no such object", "check the key")
+            etag, size = listed[key]
+            digest.update(f"s3://{bucket}/{key}\t{size}\t{etag}\n".encode())
+    return digest.hexdigest()
+
+
+def _list_entries(bucket: str, prefix: str, uri: str) -> dict[str, tuple[str, int]]:
+    """key -> (ETag, size) of every object of `bucket` whose key starts with `prefix`."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = _s3_call(uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
+    return {
+        item["Key"]: (str(item.get("ETag", "")), int(item.get("Size", 0)))
+        for page in pages
+        for item in page.get("Contents", [])
+    }

@@ -1,11 +1,12 @@
-"""`sftpipe submit` against a STUB of the KFP v2beta1 REST API.
+"""`sftpipe submit` (the real `kfp.Client`) against a STUB of the KFP v2beta1 REST API.
 
 The stub below is not Kubeflow Pipelines: it is a small `http.server` on a free loopback port
-that answers the four calls `sftpipe submit` makes (list/create experiment, create run, get
-run) the way the KFP API server does (snake_case JSON, grpc-gateway error bodies), records
-every request, and can be told to reject the package, demand a token, fail a few polls or
-walk a run through its states. The tests check the requests sftpipe sends and how it reports
-what comes back. A real KFP API is exercised by `make local-run` on kind.
+that answers the five calls kfp.Client makes for `sftpipe submit` (health check, list/create
+experiment, create run, get run) the way the KFP API server does (snake_case JSON,
+grpc-gateway error bodies), records every request, and can be told to reject the package,
+demand a token, fail a few polls or walk a run through its states. The tests check the
+requests kfp.Client sends for sftpipe and how sftpipe reports what comes back. A real KFP API
+is exercised by `make local-run` on kind.
 """
 
 from __future__ import annotations
@@ -89,13 +90,19 @@ def _handler(stub: StubKfp) -> type[http.server.BaseHTTPRequestHandler]:
                 return self._reply(401, {"error": "Unauthenticated", "code": 16, "message": "no"})
             # Direct, or through the Kubernetes API server's service proxy (--kube-context).
             path = parts.path.removeprefix(PROXY)
+            if method == "GET" and path == f"{API}/healthz":
+                return self._reply(200, {"multi_user": False, "pipeline_store": "database"})
             if method == "GET" and path == f"{API}/experiments":
                 flt = json.loads(request.query["filter"][0])
                 wanted = flt["predicates"][0]["stringValue"]
                 found = [e for e in stub.experiments if e["display_name"] == wanted]
                 return self._reply(200, {"experiments": found} if found else {})
             if method == "POST" and path == f"{API}/experiments":
-                experiment = {"experiment_id": f"exp-{len(stub.experiments) + 1}", **request.body}
+                experiment = {
+                    **request.body,
+                    "experiment_id": f"exp-{len(stub.experiments) + 1}",
+                    "storage_state": "AVAILABLE",
+                }
                 stub.experiments.append(experiment)
                 return self._reply(200, experiment)
             if method == "POST" and path == f"{API}/runs":
@@ -171,6 +178,7 @@ def test_submit_sends_the_package_and_parameters(stub, package, capsys):
         package,
         "--token",
         "t0ken-value",
+        "--insecure",  # a token over the stub's plain http://
         "--experiment",
         "nightly",
         "--run-name",
@@ -188,12 +196,18 @@ def test_submit_sends_the_package_and_parameters(stub, package, capsys):
     out = capsys.readouterr().out
     assert f"{stub.url}/#/runs/details/run-123" in out
     assert all(r.headers["authorization"] == "Bearer t0ken-value" for r in stub.requests)
+    assert [(r.method, r.path.removeprefix(API)) for r in stub.requests] == [
+        ("GET", "/healthz"),
+        ("GET", "/experiments"),
+        ("POST", "/experiments"),
+        ("POST", "/runs"),
+    ]
 
     (listed,) = stub.calls("GET", "/experiments")
     predicate = json.loads(listed.query["filter"][0])["predicates"][0]
     assert (predicate["key"], predicate["stringValue"]) == ("display_name", "nightly")
     (created,) = stub.calls("POST", "/experiments")
-    assert created.body == {"display_name": "nightly"}
+    assert created.body["display_name"] == "nightly" and not created.body.get("namespace")
 
     (run,) = stub.calls("POST", "/runs")
     body = run.body
@@ -276,7 +290,7 @@ def test_a_rejected_package_is_a_one_line_error_with_the_servers_reason(stub, pa
 
 def test_wrong_credentials_say_so(stub, package, capsys):
     stub.token = "right"
-    assert submit(stub, package, "--token", "wrong") == 2
+    assert submit(stub, package, "--token", "wrong", "--insecure") == 2
     assert "the KFP API refused the credentials (HTTP 401" in one_line_error(capsys)
 
 
@@ -284,10 +298,10 @@ def test_token_from_file_and_environment(stub, package, tmp_path, monkeypatch):
     stub.token = "from-file"
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    assert submit(stub, package, "--token-file", str(token_file)) == 0
+    assert submit(stub, package, "--token-file", str(token_file), "--insecure") == 0
     stub.token = "from-env"
     monkeypatch.setenv(kfp_submit.TOKEN_ENV, "from-env")
-    assert submit(stub, package) == 0
+    assert submit(stub, package, "--insecure") == 0
 
 
 def test_a_login_page_is_not_mistaken_for_kfp(stub, package, capsys):
@@ -344,7 +358,8 @@ def test_a_stale_package_is_refused_before_sending(stub, tmp_path, package, caps
 
 def test_wait_prints_task_changes_only():
     class Api:
-        endpoint = kfp_submit.Endpoint("http://x", "http://x")
+        def run_url(self, run_id: str) -> str:
+            return f"http://x/#/runs/details/{run_id}"
         runs = iter(
             [
                 {
@@ -381,3 +396,34 @@ def test_wait_prints_task_changes_only():
         "[sftpipe] run r: RUNNING (clean RUNNING)",
         "[sftpipe] run r: SUCCEEDED (clean SUCCEEDED)",
     ]
+
+
+def test_a_token_is_not_sent_over_plain_http(stub, package, capsys):
+    stub.token = "secret-token"
+    assert submit(stub, package, "--token", "secret-token") == 2
+    err = one_line_error(capsys)
+    assert "refusing to send a bearer token over plain http://" in err and "--insecure" in err
+    assert "secret-token" not in err
+    assert not stub.requests, "nothing is sent"
+
+
+def _caching(spec):
+    """Display name -> cachingOptions of every task, in the root DAG and in sub-DAGs."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    tasks = [task for dag in dags for task in dag["tasks"].values()]
+    return {task["taskInfo"]["name"]: task.get("cachingOptions") for task in tasks}
+
+
+def test_caching_as_compiled_or_off_with_no_cache(stub):
+    """By default the run keeps the compiled caching (clean and tokenize only); --no-cache turns
+    it off for every task, also inside the condition and loop sub-DAGs (kfp.Client's own
+    enable_caching=False reaches the root DAG's tasks only)."""
+    args = ("--clean-shards", "2")  # clean's shards run inside a ParallelFor sub-DAG
+    assert submit(stub, None, *args) == 0
+    cached = _caching(stub.calls("POST", "/runs")[-1].body["pipeline_spec"]["pipeline_spec"])
+    on = {name for name, options in cached.items() if options == {"enableCache": True}}
+    assert on == {"clean", "clean: plan shards", "clean: shard", "tokenize"}
+    assert submit(stub, None, *args, "--no-cache") == 0
+    uncached = _caching(stub.calls("POST", "/runs")[-1].body["pipeline_spec"]["pipeline_spec"])
+    assert set(uncached) == set(cached) and len(cached) >= 9
+    assert all(not options for options in uncached.values()), uncached

@@ -142,3 +142,34 @@ def test_checkpoint_fetch_refuses_a_hostile_key(seaweedfs, s3_env, tmp_path, mon
         store.latest(dest)
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+# --- the digest clean's KFP cache is keyed on ------------------------------------------------
+def test_fingerprint_of_local_files_follows_their_content(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("one\n")
+    b.write_text("two\n")
+    first = storage.fingerprint([str(a), str(b)])
+    assert storage.fingerprint([str(b), str(a)]) == first  # order-free
+    assert len(first) == 64
+    a.write_text("one, rewritten\n")  # new data at the same path
+    assert storage.fingerprint([str(a), str(b)]) != first
+    assert storage.fingerprint([str(a)]) != storage.fingerprint([str(a), str(b)])
+    with pytest.raises(SftpipeError, match="missing.jsonl: cannot read it"):
+        storage.fingerprint([str(tmp_path / "missing.jsonl")])
+
+
+def test_fingerprint_of_s3_objects_follows_their_etags(seaweedfs, s3_env):
+    client = storage.s3_client()
+    client.put_object(Bucket=s3_env, Key="data/p-0.jsonl", Body=b"one\n")
+    client.put_object(Bucket=s3_env, Key="data/p-1.jsonl", Body=b"two\n")
+    uris = [f"s3://{s3_env}/data/p-0.jsonl", f"s3://{s3_env}/data/p-1.jsonl"]
+    first = storage.fingerprint(uris)
+    assert storage.fingerprint(uris) == first
+    client.put_object(Bucket=s3_env, Key="data/p-1.jsonl", Body=b"TWO\n")  # same size, new data
+    second = storage.fingerprint(uris)
+    assert second != first
+    client.put_object(Bucket=s3_env, Key="data/p-1.jsonl", Body=b"two\n")
+    assert storage.fingerprint(uris) == first  # ETags are content hashes here
+    with pytest.raises(SftpipeError, match="p-9.jsonl: no such object"):
+        storage.fingerprint([*uris, f"s3://{s3_env}/data/p-9.jsonl"])

@@ -27,6 +27,7 @@ from sftpipe.tracking.runs import RUN_ID_ENV
 
 STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
 TRAINJOB = "finetune: TrainJob"  # finetune with num_nodes > 1 on a cluster (display name)
+DIGEST = "clean: data digest"  # uncached; its output, the input data's digest, keys clean's cache
 VARIANTS = {
     "gpu": ClusterOptions(),
     "no-gpu": ClusterOptions(gpu=False),
@@ -78,7 +79,8 @@ def container_tasks(spec):
 
 def task_names(variant):
     """The display names of the tasks: the cluster variants add finetune's TrainJob branch."""
-    return STEPS if variant == "local" else (*STEPS, TRAINJOB)
+    names = (DIGEST, *STEPS)
+    return names if variant == "local" else (*names, TRAINJOB)
 
 
 def executor(spec, platform, display_name):
@@ -96,12 +98,12 @@ def test_five_tasks_wired_by_artifacts(compiled):
     assert set(steps) == set(task_names(variant))
     assert artifact_source(tasks["tokenize"], "cleaned") == ("clean", "cleaned")
     if variant == "local":
-        assert set(tasks) == set(STEPS)
+        assert set(tasks) == {*STEPS, "data-digest"}
         assert artifact_source(tasks["finetune"], "train") == ("tokenize", "train")
         assert artifact_source(tasks["finetune"], "validation") == ("tokenize", "validation")
         model = ("finetune", "model")
     else:  # finetune's tasks sit in condition branches, see test_finetune_branches_on_num_nodes
-        (branches,) = set(tasks) - set(STEPS)
+        (branches,) = set(tasks) - {*STEPS, "data-digest"}
         assert artifact_source(tasks[branches], "pipelinechannel--tokenize-train") == (
             "tokenize",
             "train",
@@ -185,7 +187,7 @@ def test_run_id_reaches_every_task_without_breaking_the_cache(compiled):
     variant, spec, platform, _ = compiled
     for name, (_, task) in container_tasks(spec).items():
         parameters = task["inputs"]["parameters"]
-        if name in ("clean", "tokenize"):
+        if name in ("clean", "tokenize", DIGEST):
             assert "pipeline_run_id" not in parameters, name
         else:
             value = parameters["pipeline_run_id"]["runtimeValue"]["constant"]

@@ -328,7 +328,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     values.update(params_from_args(args))
     values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
     config = PipelineConfig.from_flat(values)
-    endpoint = kfp_submit.connect(
+    api = kfp_submit.connect(
         args.host,
         token=args.token,
         token_file=args.token_file,
@@ -344,6 +344,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             package_path = Path(tmp) / "sftpipe-sft.yaml"
             compile_package(args, package_path)
         package = kfp_submit.read_package(package_path)
+    if args.no_cache:
+        package = kfp_submit.without_caching(package)
     arguments = config.flat()
     missing = sorted(set(arguments) - kfp_submit.package_parameters(package))
     if missing:
@@ -352,13 +354,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"the package has no parameter(s) {missing}",
             "recompile it with this sftpipe (`sftpipe compile`)",
         )
-    api = kfp_submit.KfpApi(endpoint)
     experiment = api.experiment_id(args.experiment, args.namespace)
     run_name = args.run_name or f"sftpipe-sft {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    run = api.create_run(package, arguments, experiment, run_name, args.service_account)
-    run_id = run["run_id"]
+    run_id = api.create_run(package, arguments, experiment, run_name, args.service_account)
     print(f"[sftpipe] submitted run {run_id} to experiment {args.experiment!r}")
-    print(f"[sftpipe] run: {endpoint.run_url(run_id)}", flush=True)
+    print(f"[sftpipe] run: {api.run_url(run_id)}", flush=True)
     if not args.wait:
         return 0
     final = kfp_submit.wait(api, run_id, poll_s=args.poll_seconds, timeout_s=args.wait_timeout)
@@ -485,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="user namespace of a multi-user KFP (profile); empty for standalone KFP",
     )
     conn.add_argument("--ca-cert", default="", help="CA bundle to verify the endpoint's TLS")
-    conn.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    conn.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates, and allow a bearer token over plain http://",
+    )
     conn.add_argument("--ui-url", default="", help="KFP UI base URL for the printed run link")
     run_group = submit.add_argument_group("the run")
     run_group.add_argument(
@@ -512,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_group.add_argument(
         "--poll-seconds", type=float, default=10.0, help="--wait polling interval (10)"
+    )
+    run_group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every step, none from KFP's cache (clean and tokenize are cached by default, "
+        "keyed on the input data's digest)",
     )
     run_group.add_argument(
         "--wait-timeout", type=float, default=0.0, help="give up waiting after N s (0: never)"

@@ -1,60 +1,133 @@
-"""Submit a compiled pipeline to a Kubeflow Pipelines API server and follow the run.
+"""Submit a compiled pipeline to Kubeflow Pipelines and follow the run, through `kfp.Client`.
 
-A small client of the KFP v2beta1 REST API (the one the KFP UI and `kfp.Client` use):
-
-    GET  /apis/v2beta1/experiments?filter=...   find the experiment by name
-    POST /apis/v2beta1/experiments              or create it
-    POST /apis/v2beta1/runs                     the run: pipeline spec inline, parameters
-    GET  /apis/v2beta1/runs/{run_id}            its state, polled by `--wait`
+`kfp.Client` (the KFP SDK's client of the v2beta1 API) finds or creates the experiment, creates
+the run and reads its state. This module decides how it connects and turns every failure into
+one `SftpipeError` line: unreachable endpoint, rejected credentials, something that is not the
+KFP API, a package the server refuses, a run that ends badly.
 
 Authentication, in this order: a bearer token (`--token`, `--token-file`, or $KFP_TOKEN), or
-the credentials of a kubeconfig context (`--kube-context`), which also gives the endpoint when
-`--host` is left out: the API server's service proxy to `ml-pipeline` in the KFP namespace.
+the credentials of a kubeconfig context (`--kube-context`: tokens, client certificates, exec
+plugins), with which kfp.Client reaches the API through the API server's service proxy to
+`ml-pipeline` in the KFP namespace when `--host` is left out. A bearer token is refused over
+plain http:// (it would cross the network in clear text) unless `--insecure`.
 
-Every failure is one `SftpipeError` line: unreachable endpoint, rejected credentials, a package
-the server refuses (HTTP 4xx with the server's message), a run that ends badly.
+Where kfp.Client's own behaviour does not fit a command-line tool, and what is done instead:
+- Its constructor checks /apis/v2beta1/healthz and retries any HTTP error 5 times, 5 s apart,
+  then raises a TimeoutError that names neither the status nor the server (a wrong token: 25 s,
+  then "Failed getting healthz endpoint"). Here: one try, and the failure says what it was
+  (`_Client.get_kfp_healthz`); an HTML answer (a login page) is recognized as not KFP.
+- Its `enable_caching=False` reaches only the tasks of the root DAG; `--no-cache` here turns
+  caching off for every task, those inside condition and loop sub-DAGs too (`without_caching`).
+- It prints experiment and run links on stdout: kept off the console; `sftpipe submit` prints
+  its own lines.
+- The kubernetes package reads $KUBECONFIG once, at import; it is read again here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import requests
 import yaml
 
 from sftpipe.errors import SftpipeError
 
-API = "/apis/v2beta1"
 TOKEN_ENV = "KFP_TOKEN"
 # Run states (kfp_server_api V2beta1RuntimeState) that end a run, and the exit status each
 # gives `sftpipe submit --wait`.
 EXIT_STATUS = {"SUCCEEDED": 0, "SKIPPED": 0, "FAILED": 1, "CANCELED": 1}
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 60
 POLL_RETRIES = 5  # consecutive failed polls tolerated by --wait (API restarts, blips)
-# EQUALS in the Filter proto (backend/api/v2beta1/filter.proto), as kfp.Client sends it.
-FILTER_EQUALS = 1
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 60
+PORT_FORWARD_HINT = (
+    "check --host; for kind run `make kind-up`, else `kubectl port-forward -n kubeflow "
+    "svc/ml-pipeline-ui 8080:80` and use --host http://localhost:8080"
+)
+
+
+def _client_class() -> type:
+    """kfp.Client with a health check that tries once and says why it failed (module doc)."""
+    import kfp
+
+    class _Client(kfp.Client):  # type: ignore[misc]
+        def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
+            api = self._healthz_api
+            answer = api.healthz_service_get_healthz(_request_timeout=_timeouts())
+            response = api.api_client.last_response
+            content_type = response.getheader("content-type") or "no content type"
+            try:
+                json.loads(response.data or b"")
+            except ValueError:
+                raise _NotKfp(response.status, content_type) from None
+            return answer
+
+    return _Client
+
+
+class _NotKfp(Exception):
+    def __init__(self, status: int, content_type: str) -> None:
+        super().__init__(f"HTTP {status}, {content_type}")
+
+
+def _timeouts() -> tuple[int, int]:
+    return (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
 @dataclass
-class Endpoint:
-    """Where the KFP API is and how to authenticate to it."""
+class Kfp:
+    """A connected kfp.Client, the endpoint it talks to (for messages) and the UI's URL."""
 
-    base_url: str
+    client: Any
+    where: str
     ui_url: str
-    headers: dict[str, str] = field(default_factory=dict)
-    verify: bool | str = True
-    cert: tuple[str, str] | None = None
-    refresh: Callable[[], dict[str, str]] | None = None  # fresh auth headers (kube exec tokens)
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/runs/details/{run_id}"
+
+    def experiment_id(self, name: str, namespace: str = "") -> str:
+        """The id of the experiment called `name`, created if missing."""
+        with _errors(self.where, "find or create the experiment"), _quiet():
+            experiment = self.client.create_experiment(name=name, namespace=namespace or None)
+        if not getattr(experiment, "experiment_id", None):
+            raise _not_kfp(self.where, "create the experiment", "no experiment id in the answer")
+        return str(experiment.experiment_id)
+
+    def create_run(
+        self,
+        package: dict[str, Any],
+        parameters: dict[str, Any],
+        experiment_id: str,
+        run_name: str,
+        service_account: str = "",
+    ) -> str:
+        """Start a run of `package` (as `read_package` returns it); its run id."""
+        with tempfile.TemporaryDirectory(prefix="sftpipe-submit-") as tmp:
+            path = Path(tmp) / "pipeline.yaml"
+            path.write_text(_package_yaml(package), encoding="utf-8")
+            with _errors(self.where, "create the run"), _quiet():
+                run = self.client.run_pipeline(
+                    experiment_id=experiment_id,
+                    job_name=run_name,
+                    pipeline_package_path=str(path),
+                    params=parameters,
+                    service_account=service_account or None,
+                )
+        if not getattr(run, "run_id", None):
+            raise _not_kfp(self.where, "create the run", "no run id in the answer")
+        return str(run.run_id)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        with _errors(self.where, "get the run"):
+            return self.client.get_run(run_id).to_dict()
 
 
 def connect(
@@ -67,8 +140,8 @@ def connect(
     ca_cert: str = "",
     insecure: bool = False,
     ui_url: str = "",
-) -> Endpoint:
-    """The endpoint for `sftpipe submit`'s options (see the module docstring)."""
+) -> Kfp:
+    """A kfp.Client for `sftpipe submit`'s options (see the module docstring), health-checked."""
     if token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
@@ -77,24 +150,53 @@ def connect(
                 str(token_file), f"cannot read the token file ({exc})", "check --token-file"
             ) from None
     token = token or os.environ.get(TOKEN_ENV, "")
-    verify: bool | str = ca_cert or not insecure
+    host = _with_scheme(host) if host else ""
+    options: dict[str, Any] = {"namespace": kfp_namespace}
+    if insecure:
+        options["verify_ssl"] = False
+    if ca_cert:
+        options["ssl_ca_cert"] = ca_cert
     if kube_context is not None:
-        endpoint = _from_kubeconfig(kube_context, kfp_namespace, host)
-        if token:
-            endpoint.headers["Authorization"] = f"Bearer {token}"
-            endpoint.refresh = None
-        if ca_cert or insecure:
-            endpoint.verify = verify
+        configuration = _kubeconfig(kube_context)
+        bearer = bool(configuration.get_api_key_with_prefix("authorization"))
+        if host or token or bearer:
+            # kfp.Client's own kube_context loading cannot be used with a bearer token: the
+            # kubernetes package's token refresh hook, which kfp_server_api calls before every
+            # request, sets the host back to the API server's root, dropping the proxy path
+            # (measured: the health check went to /apis/v2beta1/healthz of the API server).
+            if not host:
+                host = _proxy_url(configuration.host, kfp_namespace)
+                if configuration.ssl_ca_cert and not ca_cert:
+                    options["ssl_ca_cert"] = configuration.ssl_ca_cert
+                if not configuration.verify_ssl:
+                    options["verify_ssl"] = False
+            if not token:
+                options["credentials"] = _KubeconfigToken(configuration, kube_context)
+            where = host
+        else:  # client certificates: kfp.Client loads the context and builds the proxy URL
+            options["kube_context"] = kube_context or None
+            where = _proxy_url(configuration.host, kfp_namespace)
     elif not host:
         raise SftpipeError(
             "sftpipe submit", "no KFP endpoint", "pass --host URL or --kube-context NAME"
         )
     else:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        endpoint = Endpoint(_with_scheme(host), _with_scheme(host), headers, verify)
-    if ui_url:
-        endpoint.ui_url = _with_scheme(ui_url)
-    return endpoint
+        where = host
+    if token and where.startswith("http://") and not insecure:
+        raise SftpipeError(
+            where,
+            "refusing to send a bearer token over plain http:// (anyone on the path can read it)",
+            "use an https:// endpoint, or pass --insecure for a trusted link "
+            "(e.g. kubectl port-forward to localhost)",
+        )
+    if host:
+        options["host"] = host
+    if token:
+        options["existing_token"] = token
+    ui = _with_scheme(ui_url) if ui_url else where
+    with _errors(where, "check the KFP API's health"), _quiet():
+        client = _client_class()(ui_host=ui, **options)
+    return Kfp(client, where, ui)
 
 
 def _with_scheme(url: str) -> str:
@@ -104,17 +206,25 @@ def _with_scheme(url: str) -> str:
     return url
 
 
-def _from_kubeconfig(context: str, namespace: str, host: str) -> Endpoint:
-    """Credentials (and, without --host, the service-proxy URL) of a kubeconfig context."""
-    from kubernetes import client, config
+def _proxy_url(api_server: str, namespace: str) -> str:
+    """The Kubernetes API server's service proxy to the KFP API (as kfp.Client builds it)."""
+    return f"{api_server.rstrip('/')}/api/v1/namespaces/{namespace}/services/ml-pipeline:http/proxy"
 
+
+def _kubeconfig(context: str) -> Any:
+    """The loaded kubeconfig context (checked here, so a bad one is one line: kfp.Client only
+    prints "Failed to load kube config." and goes on to http://localhost)."""
+    from kubernetes import client, config
+    from kubernetes.config import kube_config
+
+    path = os.environ.get("KUBECONFIG") or "~/.kube/config"
+    # kfp.Client calls load_kube_config without a file: the kubernetes package then reads the
+    # KUBECONFIG it saw at import, possibly not this process's current one.
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
     configuration = client.Configuration()
     try:
-        # KUBECONFIG read now (the kubernetes package reads it once, at import).
         config.load_kube_config(
-            config_file=os.environ.get("KUBECONFIG") or None,
-            client_configuration=configuration,
-            context=context or None,
+            config_file=path, client_configuration=configuration, context=context or None
         )
     except Exception as exc:  # kubernetes raises ConfigException, TypeError, OSError, ...
         raise SftpipeError(
@@ -122,147 +232,116 @@ def _from_kubeconfig(context: str, namespace: str, host: str) -> Endpoint:
             f"cannot load the kubeconfig ({' '.join(str(exc).split())})",
             "check `kubectl config get-contexts` and KUBECONFIG",
         ) from None
-
-    def auth_headers() -> dict[str, str]:
-        if configuration.refresh_api_key_hook is not None:
-            configuration.refresh_api_key_hook(configuration)
-        value = configuration.get_api_key_with_prefix("authorization")
-        return {"Authorization": value} if value else {}
-
-    proxy = f"{configuration.host}/api/v1/namespaces/{namespace}/services/ml-pipeline:http/proxy"
-    cert = (
-        (configuration.cert_file, configuration.key_file)
-        if configuration.cert_file and configuration.key_file
-        else None
-    )
-    verify: bool | str = configuration.ssl_ca_cert or bool(configuration.verify_ssl)
-    base = _with_scheme(host) if host else proxy
-    return Endpoint(base, base, auth_headers(), verify, cert, auth_headers)
+    return configuration
 
 
-class KfpApi:
-    """The few v2beta1 calls `sftpipe submit` makes."""
+class _KubeconfigToken:
+    """kfp.Client credentials: the bearer token of a kubeconfig context, refreshed by its exec
+    plugin before each request (for `--host` together with `--kube-context`)."""
 
-    def __init__(self, endpoint: Endpoint, session: requests.Session | None = None) -> None:
-        self.endpoint = endpoint
-        self.session = session or requests.Session()
-
-    def call(self, method: str, path: str, *, action: str, **kwargs: Any) -> dict[str, Any]:
-        url = f"{self.endpoint.base_url}{API}{path}"
-        where = self.endpoint.base_url
-        headers = dict(self.endpoint.headers)
-        if self.endpoint.refresh is not None:
-            headers.update(self.endpoint.refresh())
-        try:
-            response = self.session.request(
-                method,
-                url,
-                headers=headers,
-                verify=self.endpoint.verify,
-                cert=self.endpoint.cert,
-                timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                **kwargs,
+    def __init__(self, configuration: Any, context: str) -> None:
+        if not configuration.get_api_key_with_prefix("authorization"):
+            raise SftpipeError(
+                f"kube context {context or '(current)'}",
+                "has no bearer token to send to --host (client certificates only work with "
+                "the API server itself)",
+                "leave out --host to go through the API server's service proxy",
             )
-        except requests.exceptions.SSLError as exc:
+        self.configuration = configuration
+
+    def refresh_api_key_hook(self, target: Any) -> None:
+        if self.configuration.refresh_api_key_hook is not None:
+            self.configuration.refresh_api_key_hook(self.configuration)
+        value = self.configuration.get_api_key_with_prefix("authorization")
+        target.api_key["authorization"] = value.removeprefix("Bearer ")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without kfp.Client's printed links and its FutureWarning about old KFP servers."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _errors(where: str, action: str) -> Iterator[None]:
+    """kfp.Client's and urllib3's exceptions as one SftpipeError line."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except kfp_server_api.ApiException as exc:
+        raise _api_error(where, action, exc) from None
+    except _NotKfp as exc:
+        raise _not_kfp(where, action, str(exc)) from None
+    except urllib3.exceptions.HTTPError as exc:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, urllib3.exceptions.SSLError):
             raise SftpipeError(
-                where, f"TLS failed ({_short(exc)})", "pass --ca-cert FILE, or --insecure"
+                where, f"TLS failed ({_short(reason)})", "pass --ca-cert FILE, or --insecure"
             ) from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise SftpipeError(
-                where,
-                f"cannot reach the KFP API ({_short(exc)})",
-                "check --host; for kind run `make kind-up`, else `kubectl port-forward -n "
-                "kubeflow svc/ml-pipeline-ui 8080:80` and use --host http://localhost:8080",
-            ) from None
-        return _decode(response, where, action)
-
-    def experiment_id(self, name: str, namespace: str = "") -> str:
-        """The id of the experiment called `name`, created if missing."""
-        flt = {
-            "predicates": [{"operation": FILTER_EQUALS, "key": "display_name", "stringValue": name}]
-        }
-        params = {"filter": json.dumps(flt), "page_size": 2}
-        if namespace:
-            params["namespace"] = namespace
-        found = self.call("GET", "/experiments", action="list experiments", params=params)
-        for experiment in found.get("experiments") or []:
-            if experiment.get("display_name") == name:
-                return str(experiment["experiment_id"])
-        body = {"display_name": name, **({"namespace": namespace} if namespace else {})}
-        created = self.call("POST", "/experiments", action="create the experiment", json=body)
-        return str(created["experiment_id"])
-
-    def create_run(
-        self,
-        package: dict[str, Any],
-        parameters: dict[str, Any],
-        experiment_id: str,
-        run_name: str,
-        service_account: str = "",
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "display_name": run_name,
-            "experiment_id": experiment_id,
-            "pipeline_spec": package,
-            "runtime_config": {"parameters": parameters},
-        }
-        if service_account:
-            body["service_account"] = service_account
-        return self.call("POST", "/runs", action="create the run", json=body)
-
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/runs/{run_id}", action="get the run")
+        raise SftpipeError(
+            where, f"cannot reach the KFP API ({_short(reason)})", PORT_FORWARD_HINT
+        ) from None
+    except (TimeoutError, ValueError) as exc:  # kfp.Client: ambiguous names, bad packages
+        raise SftpipeError(where, f"failed to {action} ({_short(exc)})", "retry later") from None
 
 
-def _short(exc: BaseException) -> str:
+def _not_kfp(where: str, action: str, detail: str) -> SftpipeError:
+    return SftpipeError(
+        where,
+        f"answered {action} with something that is not the KFP API ({detail})",
+        "--host must be the KFP UI or API base URL; behind a login page pass --token",
+    )
+
+
+def _short(exc: BaseException | str) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _decode(response: requests.Response, where: str, action: str) -> dict[str, Any]:
-    status = response.status_code
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if status < 400 and isinstance(body, dict):
-        return body
+def _api_error(where: str, action: str, exc: Any) -> SftpipeError:
+    status = int(exc.status or 0)
+    if status == 0:  # kfp_server_api's wrapper of TLS failures
+        return SftpipeError(
+            where, f"TLS failed ({_short(exc.reason or '')})", "pass --ca-cert FILE, or --insecure"
+        )
     message = ""
+    try:
+        body = json.loads(exc.body or b"")
+    except (TypeError, ValueError):
+        body = None
     if isinstance(body, dict):  # grpc-gateway errors: {"error"|"message": ..., "code": ...}
         message = str(body.get("message") or body.get("error") or "")
-    message = _short(message or response.reason or "")
-    if status < 400:
-        raise SftpipeError(
-            where,
-            f"answered {action} with something that is not the KFP API (HTTP {status}, "
-            f"{response.headers.get('content-type', 'no content type')})",
-            "--host must be the KFP UI or API base URL; behind a login page pass --token",
-        )
+    message = _short(message or exc.reason or "")
     if status in (401, 403):
-        raise SftpipeError(
+        return SftpipeError(
             where,
             f"the KFP API refused the credentials (HTTP {status}: {message})",
             "pass --token/--token-file or --kube-context",
         )
     if status == 404 and action != "get the run":
-        raise SftpipeError(
+        return SftpipeError(
             where,
             f"no KFP v2beta1 API here (HTTP 404 on {action})",
             "--host must be the KFP UI or API base URL, e.g. http://localhost:8080",
         )
     if status < 500 and action == "create the run":
-        raise SftpipeError(
+        return SftpipeError(
             where,
             f"the KFP API rejected the pipeline package (HTTP {status}: {message})",
             "recompile with `sftpipe compile` and check the KFP server version",
         )
-    raise SftpipeError(
+    return SftpipeError(
         where, f"the KFP API failed to {action} (HTTP {status}: {message})", "retry later"
     )
 
 
 def read_package(path: Path) -> dict[str, Any]:
-    """A compiled pipeline YAML as the run's `pipeline_spec` (with its platform spec, if any)."""
+    """A compiled pipeline YAML: {"pipeline_spec": ..., "platform_spec": ...} (the platform
+    spec {} when the package has none)."""
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
     except (OSError, yaml.YAMLError) as exc:
@@ -273,17 +352,34 @@ def read_package(path: Path) -> dict[str, Any]:
         raise SftpipeError(
             str(path), "not a compiled KFP pipeline", "write it with `sftpipe compile`"
         )
-    if len(documents) == 1:
-        return documents[0]
     platform: dict[str, Any] = {}
     for document in documents[1:]:
         platform.update(document)
     return {"pipeline_spec": documents[0], "platform_spec": platform}
 
 
+def _package_yaml(package: dict[str, Any]) -> str:
+    documents = [package["pipeline_spec"]]
+    if package.get("platform_spec"):
+        documents.append(package["platform_spec"])
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
 def package_parameters(package: dict[str, Any]) -> set[str]:
-    spec = package.get("pipeline_spec", package)
+    spec = package["pipeline_spec"]
     return set(spec["root"].get("inputDefinitions", {}).get("parameters", {}))
+
+
+def without_caching(package: dict[str, Any]) -> dict[str, Any]:
+    """The package with KFP's cache off for every task, in the root DAG and in every sub-DAG
+    (conditions, loops), which kfp.Client's `enable_caching=False` does not reach."""
+    spec = json.loads(json.dumps(package["pipeline_spec"]))
+    dags = [spec["root"].get("dag", {})]
+    dags += [c["dag"] for c in spec.get("components", {}).values() if "dag" in c]
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            task["cachingOptions"] = {}  # enableCache false, as the compiler writes it
+    return {**package, "pipeline_spec": spec}
 
 
 def task_states(run: dict[str, Any]) -> dict[str, str]:
@@ -292,12 +388,12 @@ def task_states(run: dict[str, Any]) -> dict[str, str]:
     for task in (run.get("run_details") or {}).get("task_details") or []:
         name = task.get("display_name") or ""
         if name and not name.startswith(("root", "executor")) and "driver" not in name:
-            states[name] = task.get("state", "")
+            states[name] = task.get("state") or ""
     return states
 
 
 def wait(
-    api: KfpApi,
+    api: Kfp,
     run_id: str,
     *,
     poll_s: float = 10.0,
@@ -307,7 +403,9 @@ def wait(
 ) -> dict[str, Any]:
     """Poll the run until it ends, printing every change of its state and its tasks' states.
 
-    Returns the final run. `timeout_s` 0 waits for ever.
+    Returns the final run. `timeout_s` 0 waits for ever. (kfp.Client.wait_for_run_completion
+    prints nothing while it waits, gives up on the first failed poll and matches its end
+    states in lower case.)
     """
     out = out or sys.stdout
     start = time.monotonic()
@@ -323,7 +421,7 @@ def wait(
                 raise
             sleep(min(poll_s * 2**failures, 60.0))
             continue
-        state = run.get("state", "") or "PENDING"
+        state = run.get("state") or "PENDING"
         tasks = task_states(run)
         if (state, tasks) != last:
             changed = {k: v for k, v in tasks.items() if last[1].get(k) != v}
@@ -337,7 +435,7 @@ def wait(
             raise SftpipeError(
                 f"run {run_id}",
                 f"still {state} after {timeout_s:.0f} s",
-                f"follow it at {api.endpoint.run_url(run_id)}",
+                f"follow it at {api.run_url(run_id)}",
             )
         sleep(poll_s)
 

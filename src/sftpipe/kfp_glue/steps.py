@@ -39,7 +39,7 @@ from sftpipe.tracking.runs import RUN_ID_ENV
 
 # Component inputs that are not config fields: the run id, and what the fan-out of clean over
 # input shards passes between its steps.
-RUNTIME_INPUTS = ("pipeline_run_id", "num_shards", "shard", "data_config")
+RUNTIME_INPUTS = ("pipeline_run_id", "num_shards", "shard", "data_config", "data_digest")
 BASE_MODEL_DIGEST_TAG = "sftpipe.base_model_digest"
 CODE_VERSION_ENV = "SFTPIPE_CODE_VERSION"
 
@@ -134,6 +134,19 @@ def clean(
 ) -> None:
     config = DataConfig.from_values(params)
     _publish_clean(params, config, cleaned, quarantine, metrics, report, clean_stage.run)
+
+
+def data_digest(params: dict[str, Any]) -> str:
+    """What clean's KFP cache is keyed on: a digest of the input files' metadata
+    (storage.fingerprint), computed at run time by an uncached task, so that new data at the
+    same `data_uri` is cleaned again instead of coming stale from the cache."""
+    from sftpipe.data.sources import list_sources
+
+    config = DataConfig.from_values(params)
+    sources = list_sources(config.data_uri, config.file_format)
+    digest = storage.fingerprint([source.uri for source in sources])
+    print(f"[clean] {len(sources)} input file(s) of {config.data_uri}: digest {digest}", flush=True)
+    return digest
 
 
 def clean_plan(params: dict[str, Any]) -> Any:
@@ -471,6 +484,7 @@ def register(
 
 
 STEPS: dict[str, Callable[..., Any]] = {
+    "data_digest": data_digest,
     "clean": clean,
     "clean_plan": clean_plan,
     "clean_shard": clean_shard,
