@@ -99,7 +99,9 @@ def main() -> None:
         base_metrics = score(base, labels, rows, base=True)
         train_rows = tokenized.read_parquet(train)
         predicted = class_metrics.tfidf_baseline(
-            [r["text"] for r in train_rows], [r["label"] for r in train_rows], [r["text"] for r in rows]
+            [r["text"] for r in train_rows],
+            [r["label"] for r in train_rows],
+            [r["text"] for r in rows],
         )
         true = np.array([r["label"] for r in rows])
         tfidf, _ = evaluate_classifier.score_predictions(

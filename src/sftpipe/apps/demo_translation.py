@@ -77,10 +77,11 @@ def translation_pair(line: str) -> tuple[str, str] | None:
     match = _ENTRY.match(line)
     if not match:
         return None
-    simplified, glosses = match.group(2), match.group(4)
-    if not _HANZI.match(simplified) or _NOT_A_TRANSLATION.search(glosses):
+    simplified, first = match.group(2), match.group(4).split("/")[0]
+    # The first gloss is the main sense; later ones may be classifiers (CL:...) or usage notes.
+    if not _HANZI.match(simplified) or _NOT_A_TRANSLATION.search(first):
         return None
-    gloss = re.sub(r"\([^)]*\)", "", glosses.split("/")[0])
+    gloss = re.sub(r"\([^)]*\)", "", first)
     gloss = re.sub(r"\s+", " ", gloss).strip()
     if not _PLAIN_GLOSS.match(gloss) or len(gloss.split()) > 3:
         return None
