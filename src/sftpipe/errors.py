@@ -1,4 +1,7 @@
-"""The one exception type users see: a single line naming the source and the fix."""
+"""The one exception type users see: a single line naming the source and the fix; and the one
+line that stands for any other exception where a step or a command ends."""
+
+import errno
 
 # Set by `sftpipe run`: a failing step also writes its one-line error to this file, so the CLI
 # can end with it (KFP's local runner only says which task failed).
@@ -18,3 +21,32 @@ class SftpipeError(Exception):
             message += f" ({fix})"
         # One line, always: wrapped library messages may span several.
         super().__init__(" ".join(message.split()))
+
+
+# What to do about an OSError, by its code (the rest say what happened and where only).
+_OS_FIXES = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space or raise the quota",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EROFS: "that file system is read-only: write somewhere else",
+    errno.ENOENT: "check the path",
+}
+_LONGEST = 400  # characters of a foreign exception's message kept in the one line
+
+
+def describe(exc: BaseException) -> str:
+    """One line for any exception: an SftpipeError's own message; for an OSError the path it
+    names, what happened and what to do; else the type and the first characters of its text."""
+    if isinstance(exc, SftpipeError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = "" if exc.filename is None else str(exc.filename)
+        if exc.filename2 is not None:
+            where += f" -> {exc.filename2}"
+        problem = f"{exc.strerror} ({type(exc).__name__}, errno {exc.errno})"
+        return str(SftpipeError(where, problem, _OS_FIXES.get(exc.errno or 0, "")))
+    text = " ".join(str(exc).split())
+    if len(text) > _LONGEST:
+        text = text[:_LONGEST] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -44,7 +44,7 @@ def upload(seaweedfs, bucket, key, lines):
 
 
 def test_pipeline_registers_a_better_model(
-    seaweedfs, s3_env, mlflow_env, tiny_model_s3_uri, tmp_path
+    seaweedfs, s3_env, mlflow_env, tiny_model_s3_uri, tmp_path, capsys
 ):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -59,6 +59,16 @@ def test_pipeline_registers_a_better_model(
     result = run_local(config, tmp_path / "work")
 
     assert result.model_uri == f"models:/{name}/1"
+    # The console: one line per task start and end and the stages' own lines; the log file
+    # has the rest (KFP's executor input among it).
+    console = capsys.readouterr().out.splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    for task in ("clean", "tokenize", "finetune", "evaluate", "register"):
+        assert f"[sftpipe] {task}: started" in console
+        assert any(line.startswith(f"[sftpipe] {task}: done in ") for line in console)
+    (log,) = (tmp_path / "work" / "logs").glob("run-*.log")
+    assert console[0] == f"[sftpipe] full log: {log}"
+    assert "Got executor_input" in log.read_text()
     client = MlflowClient()
     version = client.get_model_version_by_alias(name, "champion")  # the first one: both aliases
     assert version.version == "1" and set(version.aliases) == {"champion", "challenger"}
@@ -119,9 +129,13 @@ def test_failed_step_is_one_line_and_publishes_nothing(
     ]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    # The step's own log has the error once; the command ends with the same single line.
-    logged = [line for line in done.stdout.splitlines() if "ERROR [clean]" in line]
+    # The step's log (in the run's log file) has the error once; the console says which step
+    # failed, and the command ends with the step's single line.
+    (log,) = (tmp_path / "work" / "logs").glob("run-*.log")
+    logged = [line for line in log.read_text().splitlines() if "ERROR [clean]" in line]
     assert len(logged) == 1
+    assert "ERROR [clean]" not in done.stdout
+    assert any(line.startswith("[sftpipe] clean: FAILURE") for line in done.stdout.splitlines())
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"sftpipe: error: [clean] {data_uri}: 6 of 6 rows are bad")
     assert "malformed_json=5" in last and "bad.jsonl:1" in last

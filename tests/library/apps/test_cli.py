@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -99,3 +101,21 @@ def test_bad_compile_flags_are_one_line_errors(tmp_path, capsys):
     assert "unknown step(s) ['train']" in capsys.readouterr().err
     assert cli.main(["compile", "-o", out, "--toleration", "k:Never"]) == 2
     assert "expected KEY[=VALUE][:EFFECT]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_an_unwritable_output_is_one_line_with_the_traceback_in_a_file(
+    tmp_path, capsys, monkeypatch
+):
+    """/sys refuses new files to every user, root included: a read-only output folder."""
+    monkeypatch.chdir(tmp_path)
+    output = Path("/sys/sftpipe-test/p.yaml")
+    assert cli.main(["compile", "-o", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    (saved,) = (tmp_path / ".sftpipe" / "logs").glob("compile-*.log")
+    assert err.strip() == (
+        f"sftpipe: error: compile: {output.parent}: Operation not permitted (PermissionError, "
+        f"errno 1) (check the permissions of that path) (traceback: {saved.relative_to(tmp_path)})"
+    )
+    assert saved.read_text(encoding="utf-8").startswith("Traceback (most recent call last)")
