@@ -85,6 +85,16 @@ MLFLOW_IMAGE := $(IMAGE_REPOSITORY)-mlflow:$(IMAGE_TAG)
 DOCKER ?= docker
 KIND_CLUSTER ?= sftpipe
 SCRIPTS := docker/scripts
+# Every image build goes through build_image.py: BuildKit client, this machine's pip settings as
+# build secrets, a temporary tag renamed on success, one line and the log when a build fails.
+BUILD := python3 $(SCRIPTS)/build_image.py
+# Base of the CPU and MLflow images (empty: the Dockerfiles' default, python:3.11-slim). Where no
+# registry is reachable: `make base-image` and PYTHON_IMAGE=$(BASE_IMAGE) (docker/README.md).
+PYTHON_IMAGE ?=
+BASE_IMAGE ?= sftpipe-base/python:3.11-bookworm
+BASE_ARG = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+# A private Docker engine (make engine-up): its folder; export the DOCKER_HOST it prints.
+ENGINE_DIR ?= /tmp/sftpipe-docker
 # Labels from the commit, not the clock: rebuilding the same commit gives the same image ID,
 # so `kind load` skips it.
 IMAGE_BUILD_ARGS = --build-arg SFTPIPE_VERSION=$(VERSION) \
@@ -93,18 +103,41 @@ IMAGE_BUILD_ARGS = --build-arg SFTPIPE_VERSION=$(VERSION) \
 # What the scripts read (docker/scripts/common.sh has the same defaults).
 CLUSTER_ENV = KIND_CLUSTER=$(KIND_CLUSTER) SFTPIPE_IMAGE=$(IMAGE) MLFLOW_IMAGE=$(MLFLOW_IMAGE)
 
-.PHONY: images images-cpu images-cuda images-mlflow images-push kind-up kind-load local-run kind-down
+.PHONY: images images-cpu images-cuda images-cuda-check images-mlflow images-push kind-up kind-load \
+	local-run kind-down engine-up engine-down base-image run-docker test-containers
 
 images: images-cpu images-mlflow ## build the step image and the MLflow image (what kind needs)
 
 images-cpu:
-	$(DOCKER) build -f docker/Dockerfile $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+	$(BUILD) $(DOCKER) build -f docker/Dockerfile $(IMAGE_BUILD_ARGS) $(BASE_ARG) -t $(IMAGE) .
 
 images-cuda: ## build the CUDA image of finetune (GPU clusters)
-	$(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) -t $(CUDA_IMAGE) .
+	$(BUILD) $(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) -t $(CUDA_IMAGE) .
+
+images-cuda-check: ## Dockerfile.cuda's Python layers on the CPU base (no NVIDIA base needed)
+	$(BUILD) $(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) \
+		--build-arg CUDA_IMAGE=$(or $(PYTHON_IMAGE),$(BASE_IMAGE)) \
+		--build-arg PYTHON_STAGE=python-in-base --build-arg TORCH_CUDA=none \
+		-t $(CUDA_IMAGE)-check .
 
 images-mlflow:
-	$(DOCKER) build -f docker/k8s/mlflow/Dockerfile $(IMAGE_BUILD_ARGS) -t $(MLFLOW_IMAGE) .
+	$(BUILD) $(DOCKER) build -f docker/k8s/mlflow/Dockerfile $(IMAGE_BUILD_ARGS) $(BASE_ARG) -t $(MLFLOW_IMAGE) .
+
+engine-up: ## start a private Docker engine (root; apt: docker.io); export the DOCKER_HOST it prints
+	$(SCRIPTS)/engine.sh start $(ENGINE_DIR)
+
+engine-down: ## stop the private Docker engine
+	$(SCRIPTS)/engine.sh stop $(ENGINE_DIR)
+
+base-image: ## Python 3.11 base image from Debian packages (no registry needed; apt: debootstrap)
+	$(SCRIPTS)/debian-base.sh $(BASE_IMAGE)
+
+run-docker: install images-cpu ## the demo with every step in the CPU image (KFP DockerRunner)
+	SFTPIPE_IMAGE_REPOSITORY=$(IMAGE_REPOSITORY) SFTPIPE_IMAGE_TAG=$(IMAGE_TAG) \
+		$(BIN)/sftpipe run --runner docker $(ARGS)
+
+test-containers: install ## build the images and run the pipeline in containers (~10 min)
+	SFTPIPE_REQUIRE_ENGINE=1 $(BIN)/pytest -m container tests/docker $(PYTEST_ARGS)
 
 images-push: images images-cuda ## push the three images to $(IMAGE_REPOSITORY)
 	$(DOCKER) push $(IMAGE)

@@ -37,6 +37,29 @@ need() {
     done
 }
 
+# The docker client to build with: $DOCKER if set, else the first `docker` on PATH that builds
+# with BuildKit (it has buildx, or it is a 20.10-22.x client with BuildKit built in). A newer
+# client without buildx (some distributions' docker-cli) cannot build these Dockerfiles.
+docker_client() {
+    if [ -n "${DOCKER:-}" ]; then
+        echo "$DOCKER"
+        return
+    fi
+    local candidate major
+    while IFS= read -r candidate; do
+        if "$candidate" buildx version >/dev/null 2>&1; then
+            echo "$candidate"
+            return
+        fi
+        major="$("$candidate" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)"
+        if [ -n "$major" ] && [ "$major" -lt 23 ] 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done < <(type -ap docker | awk '!seen[$0]++')
+    die "no docker client that builds with BuildKit (install buildx, or Debian's docker.io)"
+}
+
 k() { kubectl --context "$KUBE_CONTEXT" "$@"; }
 
 cluster_exists() { kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; }
