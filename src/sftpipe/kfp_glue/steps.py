@@ -30,6 +30,7 @@ from sftpipe.config import (
     TrainConfig,
 )
 from sftpipe.errors import ERROR_FILE_ENV, SftpipeError, describe
+from sftpipe.kfp_glue import container
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -53,13 +54,29 @@ def run_step(step: str, **inputs: Any) -> Any:
     if unknown:
         raise TypeError(f"component {step!r} has inputs that are not config fields: {unknown}")
     try:
-        return STEPS[step](params, **artifacts)
+        result = STEPS[step](params, **artifacts)
+        _record_container(step, params)
+        return result
     except SftpipeError as exc:
         _fail(step, exc)
     except Exception as exc:  # disk full, permission denied, a bug: one line all the same
         # The traceback stays in the step's log (the pod's log; `sftpipe run`'s log file).
         traceback.print_exc(file=sys.stderr)
         _fail(step, exc)
+
+
+def _record_container(step: str, params: dict[str, Any]) -> None:
+    """Which container the step ran in, if any (sftpipe.kfp_glue.container): printed, and
+    tagged on the pipeline run's MLflow run when the step knows that run."""
+    found = container.identity()
+    if found is None:
+        return
+    print(container.describe(step, found), flush=True)
+    key = run_key(params)
+    if key:
+        experiment = TrackingConfig.from_values(params).mlflow_experiment
+        tracker = tracking.open_run(experiment, key, run_name=f"sftpipe-{key}")
+        tracker.set_tags(dict([container.as_tag(step, found)]))
 
 
 def _fail(step: str, exc: Exception) -> NoReturn:
