@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -30,6 +31,14 @@ from sftpipe.errors import SftpipeError
 
 MAX_RECORD_BYTES = 64 << 20  # one record (line, array element, CSV row); larger is quarantined
 RAW_PREVIEW = 2000  # characters of a rejected record kept in the quarantine
+# A gzip stream that expands more than this (decompressed / stored bytes) is refused: text
+# compresses 3-10x, very repetitive JSONL ~50x, a "zip bomb" ~1000x (deflate's limit).
+MAX_GZIP_RATIO = 200
+_GZIP_RATIO_GRACE = 16 << 20  # decompressed bytes before the ratio is checked (small files)
+# JSON nesting deeper than this in a JSON-array element is quarantined unparsed: the parsed
+# element travels to a worker process, and pickling recurses once per level. (JSONL lines are
+# parsed in the worker, up to Python's own recursion limit.)
+MAX_NESTING = 256
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class _Hashing(io.RawIOBase):
     def __init__(self, body: Any) -> None:
         self._body = body
         self.sha256 = hashlib.sha256()
+        self.bytes_read = 0
 
     def readable(self) -> bool:
         return True
@@ -59,6 +69,7 @@ class _Hashing(io.RawIOBase):
         data = self._body.read(len(buffer))
         buffer[: len(data)] = data
         self.sha256.update(data)
+        self.bytes_read += len(data)
         return len(data)
 
     def drain(self) -> str:
@@ -73,16 +84,74 @@ class _Hashing(io.RawIOBase):
         super().close()
 
 
+@dataclass(frozen=True)
+class StreamFault:
+    """Why a compressed stream stopped early, and the (1-based) line it stopped in."""
+
+    reason: Reason
+    detail: str
+    line: int
+
+
+class _Gunzip(io.RawIOBase):
+    """Gunzips a stream; a damaged stream (truncated, corrupt, or expanding like a bomb) reads
+    as an early end with `fault` set, instead of an exception in the middle of a reader."""
+
+    def __init__(self, compressed: IO[bytes], hashing: _Hashing) -> None:
+        self._gzip = gzip.GzipFile(fileobj=compressed)  # type: ignore[arg-type]
+        self._hashing = hashing
+        self.fault: StreamFault | None = None
+        self.bytes_out = 0
+        self.newlines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.fault is not None:
+            return 0
+        try:
+            data = self._gzip.read1(len(buffer))
+        except EOFError:
+            return self._stop(
+                Reason.TRUNCATED_FILE,
+                "the gzip stream ends early (the file is truncated: copy or upload it again)",
+            )
+        except (zlib.error, gzip.BadGzipFile, OSError) as exc:
+            return self._stop(
+                Reason.CORRUPT_FILE, f"the gzip stream is corrupt ({exc}): the rest is unreadable"
+            )
+        self.bytes_out += len(data)
+        self.newlines += data.count(b"\n")
+        stored = self._hashing.bytes_read
+        if self.bytes_out > _GZIP_RATIO_GRACE and self.bytes_out > MAX_GZIP_RATIO * stored:
+            return self._stop(
+                Reason.TOO_COMPRESSED,
+                f"the gzip stream expands more than {MAX_GZIP_RATIO}x ({self.bytes_out:,} bytes "
+                f"from {stored:,}): refused as a decompression bomb; the rest is skipped",
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _stop(self, reason: Reason, detail: str) -> int:
+        where = f"after {self.bytes_out:,} decompressed bytes"
+        self.fault = StreamFault(reason, f"{detail} ({where})", self.newlines + 1)
+        return 0
+
+
 @contextlib.contextmanager
-def open_stream(source: Source) -> Iterator[tuple[IO[bytes], _Hashing]]:
-    """A buffered binary stream of the file's content (gunzipped when it is gzip data), and the
-    hashing layer under it, which gives the digest of the stored bytes."""
+def open_stream(source: Source) -> Iterator[tuple[IO[bytes], _Hashing, _Gunzip | None]]:
+    """A buffered binary stream of the file's content (gunzipped when it is gzip data), the
+    hashing layer under it, which gives the digest of the stored bytes, and the gunzip layer
+    (None for plain files), whose `fault` says why a damaged stream ended early."""
     hashing = _Hashing(storage.open_binary(source.uri))
     stream: IO[bytes] = io.BufferedReader(hashing, 1 << 20)
+    gunzip = None
     try:
         if stream.peek(2)[:2] == b"\x1f\x8b":  # type: ignore[attr-defined]
-            stream = io.BufferedReader(gzip.GzipFile(fileobj=stream), 1 << 20)  # type: ignore[arg-type]
-        yield stream, hashing
+            gunzip = _Gunzip(stream, hashing)
+            stream = io.BufferedReader(gunzip, 1 << 20)
+        yield stream, hashing, gunzip
     finally:
         stream.close()
         hashing.close()
@@ -112,21 +181,48 @@ def read_records(
 ) -> Iterator[RawRecord]:
     """Every record of one file, in order, as `RawRecord`s (errors included, never raised).
     When the file has been read, `digests[source.uri]` is the SHA-256 of its stored bytes."""
-    with open_stream(source) as (stream, hashing):
+    with open_stream(source) as (stream, hashing, gunzip):
         kind = file_format_of(source, stream, file_format)
         if kind == "json":
             head = stream.peek(64)[:64].lstrip(b"\xef\xbb\xbf \t\r\n")  # type: ignore[attr-defined]
             kind = "json" if head.startswith(b"[") or not head else "jsonl"
         if kind == "jsonl":
-            yield from _read_jsonl(source, stream)
+            records = _read_jsonl(source, stream)
         elif kind == "json":
-            yield from _read_json_array(source, stream)
+            records = _read_json_array(source, stream)
         elif kind in ("csv", "tsv"):
-            yield from _read_csv(source, stream, "\t" if kind == "tsv" else ",")
+            records = _read_csv(source, stream, "\t" if kind == "tsv" else ",")
         else:
-            yield from _read_parquet(source, stream)
+            records = _read_parquet(source, stream, gunzip)
+        yield from records if gunzip is None else _with_fault(source, records, gunzip)
         if digests is not None:
             digests[source.uri] = hashing.drain()
+
+
+def _with_fault(
+    source: Source, records: Iterator[RawRecord], gunzip: _Gunzip
+) -> Iterator[RawRecord]:
+    """The records of a gzipped file, and when its stream broke, one record for the fault at
+    the line it broke in. A record read from that same (cut) line is replaced by the fault,
+    keeping its text as the preview, so that each location is reported once."""
+    last: RawRecord | None = None
+    for record in records:
+        if last is not None:
+            yield last
+        last = record
+    fault = gunzip.fault
+    if fault is None:
+        if last is not None:
+            yield last
+        return
+    location = f"{source.name}:{fault.line}"
+    preview = ""
+    if last is not None:
+        if last.location == location:
+            preview = last.preview or _preview(last.payload if last.raw_json else "")
+        else:
+            yield last
+    yield RawRecord(location, error=fault.reason, detail=fault.detail, preview=preview)
 
 
 def _preview(data: bytes | str) -> str:
@@ -175,6 +271,7 @@ class _ArrayScanner:
 
     def __init__(self) -> None:
         self.depth = 0
+        self.deepest = 0
         self.in_string = False
 
     def scan(self, buf: str, pos: int) -> tuple[int, int]:
@@ -196,6 +293,7 @@ class _ArrayScanner:
                 self.in_string = True
             elif char in "[{":
                 self.depth += 1
+                self.deepest = max(self.deepest, self.depth)
             elif char in "]}":
                 if self.depth == 0:
                     return pos - 1, pos - 1
@@ -233,6 +331,30 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
             if not more():
                 return False
 
+    def trailing() -> Iterator[RawRecord]:
+        """Each non-blank line after the closing ], quarantined (never silently dropped)."""
+        nonlocal pos
+        while skip_space():
+            start_line, head, size = line, "", 0
+            while True:
+                newline = buf.find("\n", pos)
+                piece = buf[pos : newline if newline >= 0 else len(buf)]
+                head += piece[: max(0, RAW_PREVIEW - len(head))]
+                size += len(piece)
+                if newline >= 0:
+                    pos = newline  # skip_space counts the newline
+                    break
+                pos = len(buf)
+                if not more():
+                    break
+            yield RawRecord(
+                f"{source.name}:{start_line}",
+                error=Reason.TRAILING_DATA,
+                detail=f"{size:,} characters after the closing ] of the JSON array; a .json "
+                "file holds one array: move these rows into it, or into a .jsonl file",
+                preview=_preview(head),
+            )
+
     if not skip_space():
         return  # an empty file
     if buf[pos] != "[":
@@ -253,6 +375,8 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
             )
             return
         if buf[pos] == "]":
+            pos += 1
+            yield from trailing()
             return
         if buf[pos] == "," and index:
             pos += 1
@@ -260,19 +384,21 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
         start_line, start = line, pos
         scanner = _ArrayScanner()
         end, reached = scanner.scan(buf, pos)
+        skipped, head = 0, ""  # an oversized element: characters dropped so far, its start
         while end < 0:
-            if reached - start > MAX_RECORD_BYTES:
-                yield RawRecord(
-                    f"{source.name}:{start_line}",
-                    error=Reason.RECORD_TOO_LARGE,
-                    detail=f"element {index} has more than {MAX_RECORD_BYTES >> 20} MiB; "
-                    "the rest of the file is skipped",
-                    preview=_preview(buf[start : start + RAW_PREVIEW]),
-                )
-                return
+            if skipped or reached - start > MAX_RECORD_BYTES:
+                # Too large to keep: drop what was scanned (the scanner keeps its state).
+                head = head or buf[start : start + RAW_PREVIEW]
+                line += buf.count("\n", start, reached)
+                skipped += reached - start
+                start = reached
             offset = reached - start
             pos = start
             if not more():
+                if scanner.depth == 0 and not scanner.in_string:
+                    # The last element is whole; only the closing ] is missing (reported next).
+                    start, end = pos, len(buf)
+                    break
                 yield RawRecord(
                     f"{source.name}:{start_line}",
                     error=Reason.TRUNCATED_JSON,
@@ -288,6 +414,25 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
         pos = end
         index += 1
         location = f"{source.name}:{start_line}"
+        if skipped or len(text) > MAX_RECORD_BYTES:
+            head = head or text[:RAW_PREVIEW]
+            yield RawRecord(
+                location,
+                error=Reason.RECORD_TOO_LARGE,
+                detail=f"element {index - 1} has more than {MAX_RECORD_BYTES >> 20} MiB "
+                f"({skipped + len(text):,} characters)",
+                preview=_preview(head),
+            )
+            continue
+        if scanner.deepest > MAX_NESTING:
+            yield RawRecord(
+                location,
+                error=Reason.NESTED_TOO_DEEP,
+                detail=f"element {index - 1} nests {scanner.deepest} levels deep "
+                f"(more than {MAX_NESTING})",
+                preview=_preview(text),
+            )
+            continue
         if _SURROGATE.search(text):
             yield RawRecord(
                 location,
@@ -306,6 +451,14 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
                 preview=_preview(text),
             )
             continue
+        except RecursionError:
+            yield RawRecord(
+                location,
+                error=Reason.NESTED_TOO_DEEP,
+                detail=f"element {index - 1} nests too deep to parse",
+                preview=_preview(text),
+            )
+            continue
         yield RawRecord(location, payload=record, preview="")
 
 
@@ -318,31 +471,80 @@ def _read_csv(source: Source, stream: IO[bytes], delimiter: str) -> Iterator[Raw
         text.detach()  # leave the underlying stream open: the digest still reads it
 
 
+class _RowTooLarge(Exception):
+    pass
+
+
+class _BoundedLines:
+    """The physical lines of a CSV text for `csv.reader`, each read with a bound, counted, and
+    summed per row (a quoted field spans lines): a row over `MAX_RECORD_BYTES` characters in
+    all its fields raises `_RowTooLarge` once the rest of its current line is consumed."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self.text = text
+        self.count = 0  # physical lines read
+        self.row_chars = 0  # characters of the row being read; reset before each row
+        self.oversized = 0  # characters of the last oversized row
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            raise StopIteration
+        self.count += 1
+        self.row_chars += len(line)
+        if self.row_chars > MAX_RECORD_BYTES:
+            size = self.row_chars
+            while not line.endswith(("\n", "\r")) and (line := self.text.readline(1 << 20)):
+                size += len(line)
+            self.oversized = size
+            raise _RowTooLarge
+        return line
+
+
 def _csv_rows(source: Source, text: IO[str], delimiter: str) -> Iterator[RawRecord]:
-    reader = csv.reader(text, delimiter=delimiter)
+    lines = _BoundedLines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         return
-    except csv.Error as exc:
-        raise SftpipeError(source.uri, f"unreadable header row ({exc})", "check the file") from None
+    except (csv.Error, _RowTooLarge) as exc:
+        problem = str(exc) or f"more than {MAX_RECORD_BYTES >> 20} MiB"
+        raise SftpipeError(
+            source.uri, f"unreadable header row ({problem})", "check the file"
+        ) from None
     header = [name.strip() for name in header]
-    last = reader.line_num
+    last = lines.count
     while True:
         start = last + 1
+        lines.row_chars = 0
         try:
             row = next(reader)
         except StopIteration:
             return
+        except _RowTooLarge:
+            last = lines.count
+            # The reader stopped inside the row: a fresh one starts at the next line.
+            reader = csv.reader(lines, delimiter=delimiter)
+            yield RawRecord(
+                f"{source.name}:{start}",
+                error=Reason.RECORD_TOO_LARGE,
+                detail=f"the row has more than {MAX_RECORD_BYTES >> 20} MiB "
+                f"({lines.oversized:,} characters so far, lines {start}-{last})",
+            )
+            continue
         except csv.Error as exc:
-            last = reader.line_num
+            last = lines.count
             yield RawRecord(
                 f"{source.name}:{start}",
                 error=Reason.MALFORMED_ROW,
                 detail=f"unreadable CSV row: {exc}",
             )
             continue
-        last = reader.line_num
+        last = lines.count
         if not row or all(not cell.strip() for cell in row):
             continue
         location = f"{source.name}:{start}"
@@ -367,13 +569,19 @@ def _csv_rows(source: Source, text: IO[str], delimiter: str) -> Iterator[RawReco
         yield RawRecord(location, payload=dict(zip(header, row, strict=True)))
 
 
-def _read_parquet(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
+def _read_parquet(
+    source: Source, stream: IO[bytes], gunzip: _Gunzip | None = None
+) -> Iterator[RawRecord]:
+    """Parquet rows. A damaged Parquet file is one error line (its footer, which says where
+    the rows are, is at the end: there is nothing to salvage row by row)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryFile(prefix="sftpipe-") as handle:
         # Parquet needs random access: spool the (possibly remote or gzipped) stream to disk.
         shutil.copyfileobj(stream, handle, 1 << 20)
+        if gunzip is not None and gunzip.fault is not None:
+            raise SftpipeError(source.uri, gunzip.fault.detail, "check the file") from None
         handle.seek(0)
         try:
             parquet = pq.ParquetFile(handle)
@@ -382,8 +590,20 @@ def _read_parquet(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
                 source.uri, f"not a readable Parquet file ({exc})", "check the file"
             ) from None
         number = 0
-        for batch in parquet.iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
+        batches = parquet.iter_batches(batch_size=1024)
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = [] if batch is None else batch.to_pylist()
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise SftpipeError(
+                    source.uri,
+                    f"unreadable Parquet data after row {number} ({exc})",
+                    "check the file (rewrite it with pyarrow or pandas)",
+                ) from None
+            if batch is None:
+                return
+            for record in rows:
                 number += 1
                 yield RawRecord(f"{source.name}:row {number}", payload=record)
 
@@ -405,3 +625,5 @@ def parse_json(record: RawRecord) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise Rejected(Reason.MALFORMED_JSON, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise Rejected(Reason.NESTED_TOO_DEEP, "the JSON nests too deep to parse") from None

@@ -145,6 +145,10 @@ def _maybe_json_list(value: Any) -> Any:
             raise Rejected(
                 Reason.MALFORMED_JSON, f"message list is not valid JSON: {exc}"
             ) from None
+        except RecursionError:
+            raise Rejected(
+                Reason.NESTED_TOO_DEEP, "the message list nests too deep to parse"
+            ) from None
     return value
 
 

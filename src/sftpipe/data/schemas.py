@@ -55,6 +55,11 @@ class Reason(StrEnum):
     TRUNCATED_JSON = "truncated_json"
     MALFORMED_ROW = "malformed_row"
     RECORD_TOO_LARGE = "record_too_large"
+    NESTED_TOO_DEEP = "nested_too_deep"
+    TRAILING_DATA = "trailing_data"  # text after the closing ] of a JSON-array file
+    TRUNCATED_FILE = "truncated_file"  # a compressed stream that ends early
+    CORRUPT_FILE = "corrupt_file"  # a compressed stream that cannot be decoded
+    TOO_COMPRESSED = "too_compressed"  # a compressed stream that expands like a bomb
     # record shape
     NOT_AN_OBJECT = "not_an_object"
     MISSING_COLUMNS = "missing_columns"

@@ -333,8 +333,11 @@ def _raw_text(record: RawRecord) -> str:
         return payload[: RAW_PREVIEW * 4].decode("utf-8", "replace")[:RAW_PREVIEW]
     try:
         return json.dumps(payload, ensure_ascii=False, default=str)[:RAW_PREVIEW]
-    except (TypeError, ValueError):
-        return repr(payload)[:RAW_PREVIEW]
+    except (TypeError, ValueError, RecursionError):
+        try:
+            return repr(payload)[:RAW_PREVIEW]
+        except RecursionError:
+            return f"<a {type(payload).__name__} nested too deep to show>"
 
 
 def _dumps(row: Any) -> str:
