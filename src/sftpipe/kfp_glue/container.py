@@ -36,13 +36,16 @@ def container_id() -> str:
 
 
 def identity() -> dict[str, str | int] | None:
-    """This process's container, or None when it does not run in one."""
+    """This process's container, or None when it does not run in one that can be named: a
+    machine that is itself a container (a CI sandbox, a dev container) runs the subprocess
+    runner's steps with a container marker but neither a container id nor an image."""
     in_container = any(m.exists() for m in _MARKERS) or "KUBERNETES_SERVICE_HOST" in os.environ
-    if not in_container:
+    found_id, image = container_id(), os.environ.get(IMAGE_ENV, "")
+    if not in_container or not (found_id or image):
         return None
     return {
-        "container_id": container_id(),
-        "image": os.environ.get(IMAGE_ENV, ""),
+        "container_id": found_id,
+        "image": image,
         "uid": os.getuid(),
         "hostname": socket.gethostname(),
     }
