@@ -28,6 +28,12 @@ STEPS = ("clean", "tokenize", "finetune", "evaluate", "register")
 # TrainJob settings, not the accelerator, node selector and tolerations of finetune.
 FINETUNE_DRIVER = "finetune-driver"
 TASKS = (*STEPS, FINETUNE_DRIVER)  # what the CPU and memory requests are keyed by
+# The tasks KFP retries (retryPolicy): finetune only. KFP 2.17 retries any failed attempt,
+# whatever its exit code, so a retry policy on clean/tokenize/evaluate/register would only
+# repeat their deterministic failures (bad data, a wrong setting): their transient I/O is
+# retried inside the step. finetune's retries are for lost or preempted nodes; they resume from
+# the checkpoints, and a deterministic failure ends them at once (sftpipe.kfp_glue.retries).
+RETRIED_TASKS = ("finetune", FINETUNE_DRIVER)
 
 # Env var -> key, for the Secret with the S3 credentials the steps read (data_uri, base_model).
 S3_SECRET_KEYS = {
@@ -89,7 +95,7 @@ class ClusterOptions:
     s3_secret: str = "sftpipe-s3"  # "" for none (e.g. workload identity)
     env_config_map: str = "sftpipe-env"
     mlflow_secret: str = "sftpipe-mlflow"  # optional: mounted only if it exists
-    retries: int = 2
+    retries: int = 2  # finetune's KFP retries (RETRIED_TASKS)
     backoff: str = "30s"
     backoff_factor: float = 2.0
     backoff_max: str = "5m"
@@ -188,7 +194,7 @@ def apply(task: Any, step: str, options: ClusterOptions) -> None:
         kubernetes.use_secret_as_env(
             task, options.mlflow_secret, {key: key for key in MLFLOW_SECRET_KEYS}, optional=True
         )
-    if options.retries:
+    if options.retries and step in RETRIED_TASKS:
         task.set_retry(
             num_retries=options.retries,
             backoff_duration=options.backoff,

@@ -20,6 +20,24 @@ from typing import IO, Any
 from sftpipe.errors import SftpipeError
 
 
+class TransientError(SftpipeError):
+    """A failure that may pass on its own (an object store or API server that stayed unreachable
+    through the in-process retries, a lost node): a KFP retry of the step may succeed. Every
+    other SftpipeError is deterministic (bad input, a NaN loss, a wrong setting) and must not be
+    retried (sftpipe.kfp_glue.retries)."""
+
+
+# S3 error codes of an overloaded or restarting store, not of a wrong request.
+TRANSIENT_S3_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "500",
+    "503",
+}
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -62,18 +80,22 @@ def _s3_error(uri: str, exc: Exception) -> SftpipeError:
         "SignatureDoesNotMatch": ("wrong secret key", "check AWS_SECRET_ACCESS_KEY"),
     }
     problem, fix = fixes.get(code, (f"S3 request failed ({code}: {exc})", "check the endpoint"))
-    return SftpipeError(uri, problem, fix)
+    return (TransientError if code in TRANSIENT_S3_CODES else SftpipeError)(uri, problem, fix)
 
 
 def _s3_call(uri: str, fn: Any, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         return fn(**kwargs)
     except ClientError as exc:
         raise _s3_error(uri, exc) from None
-    except BotoCoreError as exc:
+    except NoCredentialsError:
         raise SftpipeError(
+            uri, "no S3 credentials", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    except BotoCoreError as exc:
+        raise TransientError(
             uri,
             f"cannot reach the object store ({exc})",
             "check AWS_ENDPOINT_URL and that the server is up",

@@ -206,11 +206,14 @@ def test_caching_on_for_clean_and_tokenize_only(compiled):
 
 
 def test_retries_with_backoff_on_the_cluster_only(compiled):
+    """finetune only (its single-node and TrainJob tasks): KFP retries any failed attempt, so
+    the other steps, whose failures after their in-process I/O retries are deterministic, get
+    none (sftpipe.kfp_glue.retries)."""
     variant, spec, _, _ = compiled
     tasks = container_tasks(spec)
     assert set(tasks) == set(task_names(variant))
     for step, (_, task) in tasks.items():
-        if variant == "local":
+        if variant == "local" or step not in ("finetune", TRAINJOB):
             assert "retryPolicy" not in task, step
         else:
             assert task["retryPolicy"] == {

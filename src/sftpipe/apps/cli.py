@@ -252,7 +252,8 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         "--retries",
         type=int,
         default=d.retries,
-        help=f"retries of a failed step, with back-off {d.backoff} x{d.backoff_factor:g} "
+        help=f"KFP retries of finetune after a transient failure (a lost node), with back-off "
+        f"{d.backoff} x{d.backoff_factor:g}; deterministic failures are not retried "
         f"(default: {d.retries})",
     )
     group.add_argument(

@@ -333,7 +333,10 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
     tracker.log_dataset(
         "validation", validation.uri, validation.metadata.get("digest", ""), "validation"
     )
-    with tracker.system_metrics():
+    from sftpipe.kfp_glue import retries
+
+    # A retry after a deterministic failure ends at once (sftpipe.kfp_glue.retries).
+    with tracker.system_metrics(), retries.fail_fast(_run_folder(config, params), "finetune"):
         report = _train(params, config, base.base_model, train, validation, model, tracker)
     model.metadata.update(
         base_model=base.base_model, best_step=report.best_step, framework="transformers"
@@ -342,6 +345,12 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
     from sftpipe.evaluation.report import loss_curve_png
 
     _log_bytes(tracker, "plots/loss_curve.png", loss_curve_png(report.history))
+
+
+def _run_folder(config: TrainConfig, params: dict[str, Any]) -> str:
+    """This pipeline run's checkpoint folder ("" without checkpoint_uri): a retried step resumes
+    its own run, never another's."""
+    return f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
 
 
 def _train(
@@ -355,10 +364,7 @@ def _train(
 ) -> Any:
     """Fine-tune into `model.path`: in this process; under torchrun with one process per GPU
     of this pod; or, with num_nodes > 1, as a Kubeflow Trainer job across machines."""
-    # One checkpoint folder per pipeline run: a retried step resumes its own run, never another's.
-    checkpoints = (
-        f"{config.checkpoint_uri.rstrip('/')}/{run_key(params)}" if config.checkpoint_uri else ""
-    )
+    checkpoints = _run_folder(config, params)
     if config.num_nodes > 1:
         from sftpipe.kfp_glue import trainjob
 

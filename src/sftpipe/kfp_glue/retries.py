@@ -1,0 +1,96 @@
+"""Retries on a cluster: transient failures are retried, deterministic ones fail fast.
+
+What KFP 2.17 offers: a task's retryPolicy has a count and a back-off (duration, factor,
+maximum) and nothing else; the backend compiles it into an Argo retryStrategy without a
+retryPolicy or expression, so Argo retries every failed attempt of the main container, whatever
+the exit code. A step cannot say "do not retry me" by how it exits.
+
+So the decision lives in sftpipe:
+- Transient I/O is retried inside the steps, where it happens: boto3's standard retry mode
+  (8 attempts with back-off, storage.s3_client), MLflow's HTTP retries, checkpoint uploads
+  (modeling.checkpoint._retry), the TrainJob driver re-attaching to a running job. What outlives
+  those is a `storage.TransientError`.
+- KFP retries (ClusterOptions.retries) are set on finetune only (its single-node and TrainJob
+  tasks): a lost or preempted GPU node is the failure worth a new pod, and the retry resumes
+  from the run's checkpoints. clean, tokenize, evaluate and register get no KFP retries: what
+  fails there after the in-process retries is deterministic (the same data, the same error).
+- A finetune attempt that fails deterministically (a plain SftpipeError: a NaN loss, bad data,
+  a wrong setting) leaves a marker in the run's own checkpoint folder (`fail_fast`); the
+  attempts KFP starts after it find the marker and end at once with the same one-line error,
+  before loading data or a model, instead of training again. Transient errors and foreign
+  exceptions (a CUDA error, a killed process) leave no marker: the retry trains, resuming.
+  Without checkpoint_uri there is no run folder and so no marker: KFP's retries then repeat
+  the deterministic failure too (checkpoint_uri is needed to resume anyway).
+A new pipeline run has a new run key, hence a new checkpoint folder without a marker; a
+"Retry" of the same KFP run after fixing the input hits the marker: start a new run instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sftpipe import storage
+from sftpipe.errors import SftpipeError
+
+MARKER = "FAILED.txt"
+
+
+def _marker_uri(run_folder: str) -> str:
+    return f"{run_folder.rstrip('/')}/{MARKER}"
+
+
+def _read_marker(run_folder: str) -> str:
+    uri = _marker_uri(run_folder)
+    if storage.is_s3(uri):
+        try:
+            with contextlib.closing(storage.open_binary(uri)) as stream:
+                return stream.read().decode("utf-8", "replace").strip()
+        except storage.TransientError:
+            return ""  # unknown: better one needless retry than a wrong verdict
+        except SftpipeError:  # no such object (or bucket): no earlier deterministic failure
+            return ""
+    path = Path(uri)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
+def _write_marker(run_folder: str, message: str) -> None:
+    """Best effort: without the marker a retry only repeats the failure."""
+    uri = _marker_uri(run_folder)
+    try:
+        if storage.is_s3(uri):
+            with tempfile.TemporaryDirectory(prefix="sftpipe-") as tmp:
+                path = Path(tmp) / MARKER
+                path.write_text(message + "\n", encoding="utf-8")
+                storage.upload_file(path, uri)
+        else:
+            with storage.atomic_file(uri) as handle:
+                handle.write(message + "\n")
+    except (SftpipeError, OSError) as exc:
+        print(f"[retries] could not leave the failure marker at {uri} ({exc})", flush=True)
+
+
+@contextlib.contextmanager
+def fail_fast(run_folder: str, step: str) -> Iterator[None]:
+    """Around a step that KFP retries; `run_folder` is this pipeline run's own folder (finetune:
+    its checkpoint prefix), "" for none. See the module docstring."""
+    if not run_folder:
+        yield
+        return
+    earlier = _read_marker(run_folder)
+    if earlier:
+        raise SftpipeError(
+            step,
+            "an earlier attempt of this step failed deterministically, not trying again: "
+            + earlier,
+            f"fix the cause and start a new pipeline run (marker: {_marker_uri(run_folder)})",
+        )
+    try:
+        yield
+    except storage.TransientError:
+        raise
+    except SftpipeError as exc:
+        _write_marker(run_folder, str(exc))
+        raise
