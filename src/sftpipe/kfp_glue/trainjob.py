@@ -2,10 +2,11 @@
 
 With `num_nodes > 1` the finetune step does not train itself. Through the `kubeflow` SDK
 (TrainerClient, Kubernetes backend) it submits a TrainJob that runs the same entry point,
-`torchrun -m sftpipe.stages.finetune ...`, on `num_nodes` pods of the `torch-distributed`
-ClusterTrainingRuntime (the Trainer's torch plugin hands torchrun the node count, node rank,
-processes per node and master address in PET_* variables), waits for Complete or Failed
-while streaming node 0's log, and copies the model the job exported into the step's output.
+`torchrun -m sftpipe.kfp_glue.finetune_launch ...`, on `num_nodes` pods of the
+`torch-distributed` ClusterTrainingRuntime (the Trainer's torch plugin hands torchrun the node
+count, node rank, processes per node and master address in PET_* variables), waits for
+Complete or Failed while streaming node 0's log, and copies the model the job exported into the
+step's output.
 
 Supported: the finetune component's image, resources per node (the finetune step's accelerator,
 CPU and memory requests), the S3 and MLflow settings of the pipeline's pods (the same Secret and
@@ -98,6 +99,8 @@ def _trainer_and_options(
     from kubeflow.trainer import CustomTrainerContainer
     from kubeflow.trainer import options as opt
 
+    from sftpipe.kfp_glue import finetune_launch
+
     trainer = CustomTrainerContainer(
         image=settings.image,
         num_nodes=num_nodes,
@@ -125,7 +128,7 @@ def _trainer_and_options(
         opt.Labels({"app.kubernetes.io/part-of": "sftpipe"}),
         # torchrun reads --nnodes, --node-rank, --nproc-per-node and the master from PET_*.
         opt.TrainerCommand(["torchrun"]),
-        opt.TrainerArgs(["-m", "sftpipe.stages.finetune", *args]),
+        opt.TrainerArgs(["-m", finetune_launch.MODULE, *args]),
         patch,
     ]
     return trainer, options
@@ -149,12 +152,13 @@ def train(
     from kubeflow.common.types import KubernetesBackendConfig
     from kubeflow.trainer import TrainerClient
 
+    from sftpipe.kfp_glue import finetune_launch
     from sftpipe.stages import finetune
 
     settings = settings or NodeSettings.from_env()
     checkpoints = s3_uri(checkpoint_uri, "checkpoint_uri")
     output_uri = f"{checkpoints.rstrip('/')}/model"
-    args = finetune.entry_args(
+    args = finetune_launch.entry_args(
         config,
         base_model,
         s3_uri(train_uri, "train data (pipeline root)"),
@@ -195,10 +199,11 @@ def train(
             where, f"{exc}{cause}", "check that Kubeflow Trainer is installed and the RBAC"
         ) from None
     if job.status != COMPLETE:
-        error = next((ln for ln in log if ln.startswith(finetune.ERROR_PREFIX)), "")
+        prefix = finetune_launch.ERROR_PREFIX
+        error = next((ln for ln in log if ln.startswith(prefix)), "").removeprefix(prefix)
         raise SftpipeError(
             where,
-            f"failed: {error.removeprefix(finetune.ERROR_PREFIX) or 'see the node log above'}",
+            f"failed: {error or 'see the node log above'}",
             f"kubectl describe trainjob {name}; rerun the step to resume from the checkpoints",
         )
     _fetch(output_uri, Path(output_dir))

@@ -18,10 +18,13 @@ Supports:
   result matches one process with the same global batch;
 - FSDP2 instead of DDP (`distributed_strategy=fsdp`): parameters, gradients and optimizer state
   sharded per transformer block, bf16/fp16 parameter gathering on CUDA, full or LoRA; not with
-  qlora or compile;
-- `launch`: the same entry point under torchrun with one process per GPU of this machine.
+  qlora or compile.
+The torchrun launcher and the command-line entry point live in `sftpipe.kfp_glue.finetune_launch`.
 
-setup -> train -> export, in one readable loop.
+It reads top to bottom as three phases around one `Training` object:
+    setup(...) -> Training    data, model, optimizer and schedule; resume from a checkpoint
+    train(training)           the loop: one optimizer step, log, validate, checkpoint
+    export(training, output)  the best weights with the tokenizer and the report
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
 from sftpipe.modeling.checkpoint import CheckpointStore
+from sftpipe.modeling.distributed import World
 from sftpipe.progress import Progress, format_duration
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
@@ -154,32 +158,187 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def restore(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    best_file: Path,
-    main: bool = True,
-) -> tuple[int, EarlyStopping, TrainReport]:
-    """Load a checkpoint written by `run` (with any strategy and number of processes) into the
-    model and optimizer, and its best weights into `best_file` on the main process; returns the
-    step, the early-stopping state and the report so far. Every process calls it."""
-    weights = torch.load(folder / "model.pt", weights_only=True, mmap=True)
-    trainer = torch.load(folder / "trainer.pt", weights_only=True)
-    distributed.load_state(model, weights, optimizer, trainer["optimizer"])
-    if main:
-        if (folder / BEST_FILE).exists():
-            shutil.copyfile(folder / BEST_FILE, best_file)
-        else:  # the checkpoint's own weights were the best
-            torch.save(weights, best_file)
-    del weights
-    scheduler.load_state_dict(trainer["scheduler"])
-    scaler.load_state_dict(trainer["scaler"])
-    torch.set_rng_state(trainer["rng"])
-    state = json.loads((folder / "trainer_state.json").read_text())
-    return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
+@dataclass
+class Data:
+    """The tokenized splits and what they say about the task."""
+
+    train_rows: list[dict[str, Any]]
+    validation_rows: list[dict[str, Any]]
+    labels: dict[str, int] | None  # None: chat SFT of a causal LM
+    template: str  # the chat template tokenize rendered with (an override included)
+    where: str  # the training split's path, for error messages
+
+
+@dataclass
+class Training:
+    """Everything the loop reads and updates: built by `setup`, advanced by `train`, written
+    out by `export`."""
+
+    config: TrainConfig
+    world: World
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    fsdp: bool
+    data: Data
+    model_dir: Path
+    base_model: str
+    tokenizer: Any
+    model: Any
+    loss_module: Any  # the task's loss around the model (DDP-wrapped with several processes)
+    task: Any  # lm or classify: batching, validation loss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    windows: Iterator[list[dict[str, Any]]]
+    window: int  # conversations per optimizer step, over all processes
+    steps_per_epoch: int
+    total_steps: int
+    flops_per_token: float
+    peak_flops: float
+    report: TrainReport
+    tracker: Any  # on the main process only
+    log: Callable[..., None]
+    store: CheckpointStore | None
+    checkpoint_uri: str
+    scratch: tempfile.TemporaryDirectory
+    early_stopping: EarlyStopping
+    start_step: int = 0
+    sigterm: _SigtermFlag | None = None
+
+    @property
+    def best_file(self) -> Path:
+        return Path(self.scratch.name) / BEST_FILE
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+# === setup ======================================================================================
+
+
+def run(
+    config: TrainConfig,
+    base_model: str,
+    train_path: str | Path,
+    validation_path: str | Path,
+    output_dir: str | Path,
+    tracker: Any = None,
+    checkpoint_uri: str = "",
+) -> TrainReport:
+    """Fine-tune and export the best model to `output_dir`. With `checkpoint_uri`, checkpoint
+    every `checkpoint_every` steps and on SIGTERM, and resume from the newest checkpoint there."""
+    training = setup(config, base_model, train_path, validation_path, tracker, checkpoint_uri)
+    # The best weights so far live in a scratch file: removed at the end, and also when the run
+    # fails, so a model-sized file never piles up in /tmp with every NaN or SIGTERM.
+    with training.scratch:
+        train(training)
+        export(training, output_dir)
+    return training.report
+
+
+def setup(
+    config: TrainConfig,
+    base_model: str,
+    train_path: str | Path,
+    validation_path: str | Path,
+    tracker: Any = None,
+    checkpoint_uri: str = "",
+) -> Training:
+    """Read the data, build the model, optimizer and schedule, then resume from the newest
+    checkpoint under `checkpoint_uri` or validate the base model (step 0)."""
+    torch.manual_seed(config.seed)
+    world = distributed.init()
+    device = distributed.device(world)
+    dtype = lm.autocast_dtype(config.precision, device)
+    data = read_data(train_path, validation_path)
+    model_dir = models.fetch(base_model)
+    tokenizer = models.load_tokenizer(
+        model_dir, base_model, data.template, chat=data.labels is None
+    )
+    fsdp = check_options(config, world, device, data)
+    model = build_model(config, model_dir, base_model, data, device, dtype, fsdp)
+
+    window = config.micro_batch_size * config.gradient_accumulation_steps * world.size
+    steps_per_epoch = math.ceil(len(data.train_rows) / window)
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    optimizer, scheduler = build_optimizer(config, model, fsdp, total_steps)
+    # MFU: ~6 FLOPs per parameter per token for a full fine-tune (forward 2, backward 4); ~4
+    # with frozen base weights (no weight gradients), against this device's measured peak.
+    flops_per_token = (6 if config.method == "full" else 4) * lm.matmul_parameters(model)
+    peak_flops = lm.peak_matmul_flops(device, dtype)
+    task: Any = lm if data.labels is None else classify
+    report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
+    training = Training(
+        config=config,
+        world=world,
+        device=device,
+        dtype=dtype,
+        fsdp=fsdp,
+        data=data,
+        model_dir=model_dir,
+        base_model=base_model,
+        tokenizer=tokenizer,
+        model=model,
+        loss_module=None,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        windows=shuffled_windows(data.train_rows, window, config.seed),
+        window=window,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops,
+        report=report,
+        tracker=tracker if world.is_main else None,
+        log=print if world.is_main else _quiet,
+        store=CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None,
+        checkpoint_uri=checkpoint_uri,
+        scratch=tempfile.TemporaryDirectory(prefix="sftpipe-finetune-"),
+        early_stopping=EarlyStopping(config.early_stopping_patience),
+    )
+    training.loss_module = build_loss(training)
+    log_setup(training)
+    resume_or_start(training)
+    return training
+
+
+def read_data(train_path: str | Path, validation_path: str | Path) -> Data:
+    train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
+    if not train_rows or not validation_rows:
+        raise SftpipeError(
+            str(train_path),
+            "empty training or validation split",
+            "check the tokenize step's metrics",
+        )
+    return Data(
+        train_rows,
+        validation_rows,
+        classify.label_map(train_path),
+        schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, ""),
+        str(train_path),
+    )
+
+
+def check_options(config: TrainConfig, world: World, device: torch.device, data: Data) -> bool:
+    """Refuse combinations that cannot work, before the model is loaded; returns whether the
+    model is sharded with FSDP."""
+    lora.check_method(config, device)
+    fsdp = config.distributed_strategy == "fsdp" and world.size > 1
+    if fsdp and (config.method == "qlora" or config.compile):
+        raise SftpipeError(
+            "distributed_strategy",
+            "fsdp is not supported with qlora or compile",
+            "use --distributed-strategy ddp, or --method lora without --compile",
+        )
+    if data.labels is not None:
+        if config.method == "qlora":
+            raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
+        classify.check_labels(data.train_rows + data.validation_rows, data.labels, data.where)
+    return fsdp
 
 
 def _core(model: Any) -> Any:
@@ -214,6 +373,37 @@ def load_model(
     return model
 
 
+def build_model(
+    config: TrainConfig,
+    model_dir: Path,
+    base_model: str,
+    data: Data,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    fsdp: bool,
+) -> Any:
+    """The model, placed (or sharded) and checked against the data."""
+    # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
+    # has to fit one GPU whole.
+    model = load_model(
+        config, model_dir, base_model, data.labels, torch.device("cpu") if fsdp else device
+    )
+    if fsdp:
+        distributed.shard(_core(model), device, dtype)
+    if config.compile:
+        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
+        # dynamic shapes, since every micro-batch has its own width.
+        _core(model).base_model.compile(dynamic=True)
+    check_data_fits_model(data.train_rows + data.validation_rows, model, data.where)
+    if "position_ids" in data.train_rows[0] and not lm.isolates_packed_samples(model, device):
+        raise SftpipeError(
+            data.where,
+            f"{type(model).__name__} lets packed samples attend to each other",
+            "tokenize with --no-packing for this model",
+        )
+    return model
+
+
 def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     largest = max(max(row["input_ids"]) for row in rows)
@@ -225,69 +415,10 @@ def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str
         )
 
 
-def run(
-    config: TrainConfig,
-    base_model: str,
-    train_path: str | Path,
-    validation_path: str | Path,
-    output_dir: str | Path,
-    tracker: Any = None,
-    checkpoint_uri: str = "",
-) -> TrainReport:
-    """Fine-tune and export the best model to `output_dir`. With `checkpoint_uri`, checkpoint
-    every `checkpoint_every` steps and on SIGTERM, and resume from the newest checkpoint there."""
-    # --- setup ---------------------------------------------------------------------------
-    torch.manual_seed(config.seed)
-    world = distributed.init()
-    device = distributed.device(world)
-    dtype = lm.autocast_dtype(config.precision, device)
-    train_rows, validation_rows = read_parquet(train_path), read_parquet(validation_path)
-    if not train_rows or not validation_rows:
-        raise SftpipeError(
-            str(train_path),
-            "empty training or validation split",
-            "check the tokenize step's metrics",
-        )
-    labels = classify.label_map(train_path)  # None: chat SFT of a causal LM
-    model_dir = models.fetch(base_model)
-    # The template tokenize rendered with (an override included) goes out with the model.
-    template = schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, "")
-    tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=labels is None)
-    lora.check_method(config, device)
-    fsdp = config.distributed_strategy == "fsdp" and world.size > 1
-    if fsdp and (config.method == "qlora" or config.compile):
-        raise SftpipeError(
-            "distributed_strategy",
-            "fsdp is not supported with qlora or compile",
-            "use --distributed-strategy ddp, or --method lora without --compile",
-        )
-    if labels is not None:
-        if config.method == "qlora":
-            raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
-        classify.check_labels(train_rows + validation_rows, labels, str(train_path))
-    # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
-    # has to fit one GPU whole.
-    model = load_model(
-        config, model_dir, base_model, labels, torch.device("cpu") if fsdp else device
-    )
-    if fsdp:
-        distributed.shard(_core(model), device, dtype)
-    if config.compile:
-        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
-        # dynamic shapes, since every micro-batch has its own width.
-        _core(model).base_model.compile(dynamic=True)
-    check_data_fits_model(train_rows + validation_rows, model, str(train_path))
-    if "position_ids" in train_rows[0] and not lm.isolates_packed_samples(model, device):
-        raise SftpipeError(
-            str(train_path),
-            f"{type(model).__name__} lets packed samples attend to each other",
-            "tokenize with --no-packing for this model",
-        )
-
-    window = config.micro_batch_size * config.gradient_accumulation_steps * world.size
-    steps_per_epoch = math.ceil(len(train_rows) / window)
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    warmup = int(config.warmup_ratio * total_steps)
+def build_optimizer(
+    config: TrainConfig, model: Any, fsdp: bool, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and its warmup-then-decay schedule."""
     optimizer = torch.optim.AdamW(
         param_groups(distributed.sharded(model) if fsdp else model, config.weight_decay),
         lr=config.learning_rate,
@@ -298,259 +429,351 @@ def run(
         # FSDP's sharded DTensor parameters keep the default implementation.
         fused=not fsdp,
     )
+    warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, shape=config.lr_schedule)
     )
-    # MFU: ~6 FLOPs per parameter per token for a full fine-tune (forward 2, backward 4); ~4
-    # with frozen base weights (no weight gradients), against this device's measured peak.
-    parameters = sum(p.numel() for p in model.parameters())
-    flops_per_token = (6 if config.method == "full" else 4) * lm.matmul_parameters(model)
-    peak_flops = lm.peak_matmul_flops(device, dtype)
-    # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    windows = shuffled_windows(train_rows, window, config.seed)
-    pad_id = tokenizer.pad_token_id
-    # What differs between the tasks: batching, the loss, validation, and what one unit of
-    # loss is (an assistant token for chat SFT, an example for classification).
-    task: Any = lm if labels is None else classify
-    weights = (
-        classify.class_weights(train_rows, len(labels)) if labels and config.class_weights else None
-    )
-    loss_module: Any = lm.TokenLoss(model) if labels is None else classify.ClassLoss(model, weights)
-    loss_module.to(device)
-    if world.size > 1 and not fsdp:
-        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
+    return optimizer, scheduler
 
-    report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
-    tracker = tracker if world.is_main else None
-    if tracker:
-        tracker.log_params(
-            {f"train.{k}": v for k, v in config.model_dump().items()}
+
+def build_loss(t: Training) -> Any:
+    """The task's loss as a module (DDP wraps it: its gradient hooks run through `forward`).
+    What one unit of loss is differs: an assistant token for chat SFT, an example for
+    classification."""
+    labels, config = t.data.labels, t.config
+    if labels is None:
+        loss_module: Any = lm.TokenLoss(t.model)
+    else:
+        weights = (
+            classify.class_weights(t.data.train_rows, len(labels)) if config.class_weights else None
+        )
+        loss_module = classify.ClassLoss(t.model, weights)
+    loss_module.to(t.device)
+    if t.world.size > 1 and not t.fsdp:
+        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
+    return loss_module
+
+
+def log_setup(t: Training) -> None:
+    if t.tracker:
+        t.tracker.log_params(
+            {f"train.{k}": v for k, v in t.config.model_dump().items()}
             | {
-                "train.device": device.type,
-                "train.autocast": report.precision,
-                "train.total_steps": total_steps,
-                "train.train_rows": len(train_rows),
-                "train.parameters": parameters,
-                "train.peak_matmul_tflops": round(peak_flops / 1e12, 3),
+                "train.device": t.device.type,
+                "train.autocast": t.report.precision,
+                "train.total_steps": t.total_steps,
+                "train.train_rows": len(t.data.train_rows),
+                "train.parameters": sum(p.numel() for p in t.model.parameters()),
+                "train.peak_matmul_tflops": round(t.peak_flops / 1e12, 3),
             }
         )
-
-    def validate(step: int) -> float:
-        loss = task.mean_loss(
-            model, validation_rows, pad_id, config.micro_batch_size, device, dtype, world
-        )
-        report.history.append({"step": step, "validation_loss": loss})
-        if tracker:
-            tracker.log_metrics({"validation_loss": loss}, step)
-        return loss
-
-    # --- train -----------------------------------------------------------------------------
-    log = print if world.is_main else _quiet
-    log(
-        f"[finetune] {total_steps} steps ({steps_per_epoch}/epoch) on {world.size}x{device.type}, "
-        f"autocast {report.precision}, {len(train_rows)} train / {len(validation_rows)} "
-        "validation rows",
+    t.log(
+        f"[finetune] {t.total_steps} steps ({t.steps_per_epoch}/epoch) on "
+        f"{t.world.size}x{t.device.type}, autocast {t.report.precision}, "
+        f"{len(t.data.train_rows)} train / {len(t.data.validation_rows)} validation rows",
         flush=True,
     )
-    store = CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None
-    early_stopping = EarlyStopping(config.early_stopping_patience)
-    # The best weights so far live in a file, not in a second copy in memory (for a large model
-    # that copy alone would need as much RAM as the model).
-    # Removed at the end, and also when the run fails (the object's finalizer): a model-sized
-    # file must not pile up in /tmp with every NaN or SIGTERM.
-    scratch_dir = tempfile.TemporaryDirectory(prefix="sftpipe-finetune-")
-    scratch = Path(scratch_dir.name)
-    best_file = scratch / BEST_FILE
 
-    def save_best() -> None:
-        full = distributed.model_state(model)  # every process gathers (FSDP)
-        if world.is_main:
-            torch.save(full, best_file)
 
-    resume_dir = scratch / "resume"
-    checkpoint = store.latest(resume_dir) if store else None
+def resume_or_start(t: Training) -> None:
+    """Continue from the newest complete checkpoint, or record the base model's validation
+    loss as step 0 (and its weights as the best so far)."""
+    resume_dir = Path(t.scratch.name) / "resume"
+    checkpoint = t.store.latest(resume_dir) if t.store else None
     if checkpoint:
-        start_step, early_stopping, report = restore(
-            checkpoint, model, optimizer, scheduler, scaler, best_file, world.is_main
+        t.start_step, t.early_stopping, t.report = restore(
+            checkpoint, t.model, t.optimizer, t.scheduler, t.scaler, t.best_file, t.world.is_main
         )
-        for _ in range(start_step):
-            next(windows)  # the data position: the order is a function of the seed
-        log(f"[finetune] resumed from {checkpoint_uri} at step {start_step}", flush=True)
+        for _ in range(t.start_step):
+            next(t.windows)  # the data position: the order is a function of the seed
+        t.log(f"[finetune] resumed from {t.checkpoint_uri} at step {t.start_step}", flush=True)
     else:
-        start_step = 0
-        early_stopping.update(validate(0), step=0)
-        save_best()
+        t.early_stopping.update(validate(t, 0), step=0)
+        save_best(t)
     shutil.rmtree(resume_dir, ignore_errors=True)
-    sigterm = _SigtermFlag()
 
-    def save_checkpoint(step: int) -> None:
-        # Gathered by every process (FSDP), written by the main one.
-        full = distributed.model_state(model)
-        optimizer_state = distributed.optimizer_state(model, optimizer)
 
-        def write(folder: Path) -> None:
-            torch.save(full, folder / "model.pt")
-            if early_stopping.best_step != step:
-                shutil.copyfile(best_file, folder / BEST_FILE)
-            torch.save(
-                {
-                    "optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                },
-                folder / "trainer.pt",
-            )
-            state = {
-                "step": step,
-                "early_stopping": asdict(early_stopping),
-                "report": asdict(report),
-            }
-            (folder / "trainer_state.json").write_text(json.dumps(state))
+def restore(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    best_file: Path,
+    main: bool = True,
+) -> tuple[int, EarlyStopping, TrainReport]:
+    """Load a checkpoint written by `run` (with any strategy and number of processes) into the
+    model and optimizer, and its best weights into `best_file` on the main process; returns the
+    step, the early-stopping state and the report so far. Every process calls it."""
+    weights = torch.load(folder / "model.pt", weights_only=True, mmap=True)
+    trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    distributed.load_state(model, weights, optimizer, trainer["optimizer"])
+    if main:
+        if (folder / BEST_FILE).exists():
+            shutil.copyfile(folder / BEST_FILE, best_file)
+        else:  # the checkpoint's own weights were the best
+            torch.save(weights, best_file)
+    del weights
+    scheduler.load_state_dict(trainer["scheduler"])
+    scaler.load_state_dict(trainer["scaler"])
+    torch.set_rng_state(trainer["rng"])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
 
-        if world.is_main:
-            store.save(step, write)  # type: ignore[union-attr]
-            print(f"[finetune] checkpoint at step {step} -> {checkpoint_uri}", flush=True)
-        world.barrier()
 
-    progress = Progress("finetune", total_steps - start_step, "steps")
-    window_seconds, window_tokens = 0.0, 0
-    model.train()
-    for step in range(start_step + 1, total_steps + 1):
-        step_start = time.perf_counter()
-        rows_of_step = next(windows)
-        # Normalize by the loss-bearing tokens of the whole global window; DDP averages
-        # gradients over processes, so scale by their number to keep the sum.
-        window_loss_tokens = sum(row.get("num_loss_tokens", 1) for row in rows_of_step)
-        step_tokens = sum(row["num_tokens"] for row in rows_of_step)
-        micro_batches = list(lm.batches(rows_of_step, config.micro_batch_size))[
-            world.rank :: world.size
-        ]
-        loss_total = 0.0
-        for index, rows in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in task.collate(rows, pad_id).items()}
-            last = index == len(micro_batches) - 1
-            # DDP: all-reduce on the last micro-batch only. FSDP reduce-scatters every one:
-            # skipping it would keep whole unsharded gradients, which is what FSDP avoids.
-            sync = (
-                contextlib.nullcontext()
-                if last or world.size == 1 or fsdp
-                else loss_module.no_sync()
-            )
-            with sync, lm.autocast(device, dtype):
-                loss = loss_module(batch)
-            with sync:
-                scaler.scale(loss * world.size / window_loss_tokens).backward()
-            loss_total += float(loss.detach())
-        loss_value = world.sum(loss_total)[0] / window_loss_tokens
-        window_tokens += step_tokens
-        report.tokens += step_tokens
-        if not math.isfinite(loss_value):
-            raise SftpipeError(
-                "finetune",
-                f"loss is {loss_value} at step {step}",
-                "lower --learning-rate or use --precision fp32",
-            )
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_grad_norm or float("inf")
+# === train ======================================================================================
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    loss_tokens: int
+    seconds: float
+
+
+@dataclass
+class Throughput:
+    """Tokens and seconds since the last log line (validation time is not counted)."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, result: StepResult) -> None:
+        self.seconds += result.seconds
+        self.tokens += result.tokens
+
+
+def train(t: Training) -> None:
+    """The loop: one optimizer step over a window of conversations, then, when due, a log
+    line, a validation (which may stop early) and a checkpoint (which SIGTERM also asks for)."""
+    t.sigterm = _SigtermFlag()
+    progress = Progress("finetune", t.total_steps - t.start_step, "steps")
+    since_log = Throughput()
+    t.model.train()
+    for step in range(t.start_step + 1, t.total_steps + 1):
+        result = optimizer_step(t, step)
+        t.report.tokens += result.tokens
+        t.report.steps, t.report.train_loss = step, result.loss
+        t.report.loss_tokens += result.loss_tokens
+        since_log.add(result)
+        if step % t.config.log_every == 0 or step == t.total_steps:
+            log_step(t, step, result, since_log, progress)
+            since_log = Throughput()
+        if (step % t.config.eval_every == 0 or step == t.total_steps) and validate_or_stop(t, step):
+            break
+        checkpoint_or_stop(t, step)
+    t.sigterm.restore()
+    t.report.seconds += since_log.seconds  # training time only; validation is not counted
+    finish_report(t, progress)
+
+
+def optimizer_step(t: Training, step: int) -> StepResult:
+    """Forward and backward over this process's micro-batches of the step's window, then clip
+    and update."""
+    start = time.perf_counter()
+    rows_of_step = next(t.windows)
+    world, config = t.world, t.config
+    # Normalize by the loss-bearing tokens of the whole global window; DDP averages
+    # gradients over processes, so scale by their number to keep the sum.
+    window_loss_tokens = sum(row.get("num_loss_tokens", 1) for row in rows_of_step)
+    step_tokens = sum(row["num_tokens"] for row in rows_of_step)
+    micro_batches = list(lm.batches(rows_of_step, config.micro_batch_size))[
+        world.rank :: world.size
+    ]
+    loss_total = 0.0
+    for index, rows in enumerate(micro_batches):
+        batch = {k: v.to(t.device) for k, v in t.task.collate(rows, t.pad_id).items()}
+        last = index == len(micro_batches) - 1
+        # DDP: all-reduce on the last micro-batch only. FSDP reduce-scatters every one:
+        # skipping it would keep whole unsharded gradients, which is what FSDP avoids.
+        sync = (
+            contextlib.nullcontext()
+            if last or world.size == 1 or t.fsdp
+            else t.loss_module.no_sync()
         )
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        report.steps, report.train_loss = step, loss_value
-        report.loss_tokens += window_loss_tokens
-        window_seconds += time.perf_counter() - step_start
+        with sync, lm.autocast(t.device, t.dtype):
+            loss = t.loss_module(batch)
+        with sync:
+            t.scaler.scale(loss * world.size / window_loss_tokens).backward()
+        loss_total += float(loss.detach())
+    loss_value = world.sum(loss_total)[0] / window_loss_tokens
+    if not math.isfinite(loss_value):
+        raise SftpipeError(
+            "finetune",
+            f"loss is {loss_value} at step {step}",
+            "lower --learning-rate or use --precision fp32",
+        )
+    t.scaler.unscale_(t.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        t.model.parameters(), config.max_grad_norm or float("inf")
+    )
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return StepResult(
+        loss_value,
+        float(grad_norm),
+        step_tokens,
+        window_loss_tokens,
+        time.perf_counter() - start,
+    )
 
-        if step % config.log_every == 0 or step == total_steps:
-            tokens_per_second = window_tokens / window_seconds
-            report.seconds += window_seconds
-            metrics = {
-                "train_loss": loss_value,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens_per_second,
-                "mfu": flops_per_token * tokens_per_second / peak_flops,
-            }
-            report.history.append({"step": step} | metrics)
-            if tracker:
-                tracker.log_metrics(metrics, step)
-            if world.is_main:
-                progress.update(
-                    step - start_step,
-                    f"loss {loss_value:.4f} | lr {metrics['learning_rate']:.2e} | "
-                    f"{tokens_per_second:.0f} tok/s | MFU {metrics['mfu']:.1%}",
-                )
-            window_seconds, window_tokens = 0.0, 0
 
-        if step % config.eval_every == 0 or step == total_steps:
-            validation_loss = validate(step)
-            if early_stopping.update(validation_loss, step):
-                save_best()
-            log(
-                f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
-                f"{early_stopping.best:.4f} at step {early_stopping.best_step})",
-                flush=True,
-            )
-            if early_stopping.stop:
-                report.stopped_early = True
-                log(
-                    f"[finetune] early stop: no improvement in {early_stopping.stale} validations",
-                    flush=True,
-                )
-                break
+def log_step(
+    t: Training, step: int, result: StepResult, since_log: Throughput, progress: Progress
+) -> None:
+    tokens_per_second = since_log.tokens / since_log.seconds
+    t.report.seconds += since_log.seconds
+    metrics = {
+        "train_loss": result.loss,
+        "learning_rate": t.scheduler.get_last_lr()[0],
+        "grad_norm": result.grad_norm,
+        "tokens_per_second": tokens_per_second,
+        "mfu": t.flops_per_token * tokens_per_second / t.peak_flops,
+    }
+    t.report.history.append({"step": step} | metrics)
+    if t.tracker:
+        t.tracker.log_metrics(metrics, step)
+    if t.world.is_main:
+        progress.update(
+            step - t.start_step,
+            f"loss {result.loss:.4f} | lr {metrics['learning_rate']:.2e} | "
+            f"{tokens_per_second:.0f} tok/s | MFU {metrics['mfu']:.1%}",
+        )
 
-        stop_requested = world.any(sigterm.set)
-        if store and step < total_steps and (step % config.checkpoint_every == 0 or stop_requested):
-            save_checkpoint(step)
-        if stop_requested:
-            saved = "checkpoint saved" if store else "no checkpoint (no --checkpoint-uri)"
-            raise SftpipeError(
-                "finetune",
-                f"stopped by SIGTERM at step {step}; {saved}",
-                "run the step again to resume",
-            )
-    sigterm.restore()
 
-    report.seconds += window_seconds  # training time only; validation is not counted
-    report.best_validation_loss, report.best_step = early_stopping.best, early_stopping.best_step
+def validate(t: Training, step: int) -> float:
+    loss = t.task.mean_loss(
+        t.model,
+        t.data.validation_rows,
+        t.pad_id,
+        t.config.micro_batch_size,
+        t.device,
+        t.dtype,
+        t.world,
+    )
+    t.report.history.append({"step": step, "validation_loss": loss})
+    if t.tracker:
+        t.tracker.log_metrics({"validation_loss": loss}, step)
+    return loss
+
+
+def validate_or_stop(t: Training, step: int) -> bool:
+    """Validate, keep the weights if they are the best so far; returns whether to stop early."""
+    validation_loss = validate(t, step)
+    stopping = t.early_stopping
+    if stopping.update(validation_loss, step):
+        save_best(t)
+    t.log(
+        f"[finetune] step {step}: validation loss {validation_loss:.4f} (best "
+        f"{stopping.best:.4f} at step {stopping.best_step})",
+        flush=True,
+    )
+    if stopping.stop:
+        t.report.stopped_early = True
+        t.log(f"[finetune] early stop: no improvement in {stopping.stale} validations", flush=True)
+    return stopping.stop
+
+
+def save_best(t: Training) -> None:
+    # The best weights so far live in a file, not in a second copy in memory (for a large
+    # model that copy alone would need as much RAM as the model).
+    full = distributed.model_state(t.model)  # every process gathers (FSDP)
+    if t.world.is_main:
+        torch.save(full, t.best_file)
+
+
+def checkpoint_or_stop(t: Training, step: int) -> None:
+    """Checkpoint when due or when SIGTERM came; after SIGTERM, stop with one line."""
+    stop_requested = t.world.any(t.sigterm.set if t.sigterm else False)
+    due = step % t.config.checkpoint_every == 0 or stop_requested
+    if t.store and step < t.total_steps and due:
+        save_checkpoint(t, step)
+    if stop_requested:
+        saved = "checkpoint saved" if t.store else "no checkpoint (no --checkpoint-uri)"
+        raise SftpipeError(
+            "finetune",
+            f"stopped by SIGTERM at step {step}; {saved}",
+            "run the step again to resume",
+        )
+
+
+def save_checkpoint(t: Training, step: int) -> None:
+    # Gathered by every process (FSDP), written by the main one.
+    full = distributed.model_state(t.model)
+    optimizer_state = distributed.optimizer_state(t.model, t.optimizer)
+
+    def write(folder: Path) -> None:
+        torch.save(full, folder / "model.pt")
+        if t.early_stopping.best_step != step:
+            shutil.copyfile(t.best_file, folder / BEST_FILE)
+        torch.save(
+            {
+                "optimizer": optimizer_state,
+                "scheduler": t.scheduler.state_dict(),
+                "scaler": t.scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            folder / "trainer.pt",
+        )
+        state = {
+            "step": step,
+            "early_stopping": asdict(t.early_stopping),
+            "report": asdict(t.report),
+        }
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+    if t.world.is_main and t.store:
+        t.store.save(step, write)
+        print(f"[finetune] checkpoint at step {step} -> {t.checkpoint_uri}", flush=True)
+    t.world.barrier()
+
+
+def finish_report(t: Training, progress: Progress) -> None:
+    report = t.report
+    report.best_validation_loss = t.early_stopping.best
+    report.best_step = t.early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
-    report.mfu = flops_per_token * report.tokens_per_second / peak_flops
-    report.epochs = report.steps * window / len(train_rows)
-    log(
+    report.mfu = t.flops_per_token * report.tokens_per_second / t.peak_flops
+    report.epochs = report.steps * t.window / len(t.data.train_rows)
+    t.log(
         f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
         f"{report.tokens_per_second:.0f} tok/s (MFU {report.mfu:.1%}), best validation loss "
         f"{report.best_validation_loss:.4f} (step {report.best_step})",
         flush=True,
     )
 
-    # --- export ----------------------------------------------------------------------------
+
+# === export =====================================================================================
+
+
+def export(t: Training, output_dir: str | Path) -> None:
+    """Publish the best weights, the tokenizer and the report to `output_dir` (atomically)."""
     # The optimizer state (twice the model) is done with; free it before the best weights
     # are read back, so exporting never needs more memory than training did.
-    optimizer.state.clear()
-    if world.is_main:
+    t.optimizer.state.clear()
+    if t.world.is_main:
         # An FSDP model is sharded across the processes: export from a plain copy on the CPU.
         final = (
-            load_model(config, model_dir, base_model, labels, torch.device("cpu"))
-            if fsdp
-            else model
+            load_model(t.config, t.model_dir, t.base_model, t.data.labels, torch.device("cpu"))
+            if t.fsdp
+            else t.model
         )
-        final.load_state_dict(torch.load(best_file, weights_only=True, mmap=True))
+        final.load_state_dict(torch.load(t.best_file, weights_only=True, mmap=True))
         with storage.atomic_dir(output_dir) as tmp:
-            lora.save(final, tokenizer, tmp)
-            (tmp / TRAINING_LOG).write_text(json.dumps(asdict(report), indent=1))
-    scratch_dir.cleanup()
-    world.barrier()
-    if tracker:
-        tracker.log_metrics(
+            lora.save(final, t.tokenizer, tmp)
+            (tmp / TRAINING_LOG).write_text(json.dumps(asdict(t.report), indent=1))
+    t.world.barrier()
+    if t.tracker:
+        t.tracker.log_metrics(
             {
-                "best_validation_loss": report.best_validation_loss,
-                "train_tokens_per_second": report.tokens_per_second,
+                "best_validation_loss": t.report.best_validation_loss,
+                "train_tokens_per_second": t.report.tokens_per_second,
             }
         )
-    return report
 
 
 def read_report(output_dir: str | Path) -> TrainReport:
@@ -558,128 +781,7 @@ def read_report(output_dir: str | Path) -> TrainReport:
     return TrainReport(**json.loads((Path(output_dir) / TRAINING_LOG).read_text()))
 
 
-def processes_per_node(config: TrainConfig) -> int:
-    """Training processes for this machine: `nproc_per_node`, else one per visible GPU."""
-    return config.nproc_per_node or max(1, torch.cuda.device_count())
+if __name__ == "__main__":  # the entry point's former name, kept for torchrun command lines
+    from sftpipe.kfp_glue.finetune_launch import main
 
-
-def entry_args(
-    config: TrainConfig,
-    base_model: str,
-    train: str | Path,
-    validation: str | Path,
-    output: str | Path,
-    checkpoint_uri: str = "",
-    mlflow_run_id: str = "",
-) -> list[str]:
-    """The arguments of `python -m sftpipe.stages.finetune` for one training run."""
-    args = [
-        f"--base-model={base_model}",
-        f"--train={train}",
-        f"--validation={validation}",
-        f"--output={output}",
-        f"--config={config.model_dump_json()}",
-    ]
-    if checkpoint_uri:
-        args.append(f"--checkpoint-uri={checkpoint_uri}")
-    if mlflow_run_id:
-        args.append(f"--mlflow-run-id={mlflow_run_id}")
-    return args
-
-
-def launch(nproc: int, args: list[str]) -> None:
-    """Run the entry point with `args` in `nproc` processes on this machine (torchrun: NCCL on
-    GPUs, gloo on CPU). Their output streams into ours; SIGTERM is passed on, so they checkpoint
-    and stop; a failure is raised as the workers' own one-line error."""
-    import subprocess
-    import sys
-
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-        f"--nproc-per-node={nproc}",
-        *("-m", "sftpipe.stages.finetune", *args),
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
-    except ValueError:  # not the main thread
-        previous = None
-    error = ""
-    try:
-        for line in process.stdout or ():
-            print(line, end="", flush=True)
-            if not error and line.startswith(ERROR_PREFIX):
-                error = line.removeprefix(ERROR_PREFIX).strip()
-        code = process.wait()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if code:
-        raise SftpipeError(
-            f"torchrun ({nproc} processes)", error or f"exited with code {code}", "see the log"
-        )
-
-
-ERROR_PREFIX = "ERROR [finetune] "
-
-
-def _local_file(uri: str, path: Path) -> Path:
-    """`uri` itself, or for s3:// a local copy at `path` (a Trainer job's nodes read the
-    Parquet splits from the object store)."""
-    if not storage.is_s3(uri):
-        return Path(uri)
-    with storage.open_binary(uri) as source, open(path, "wb") as target:
-        shutil.copyfileobj(source, target)
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sftpipe.stages.finetune`: the training entry point outside KFP (a restarted
-    pod, torchrun processes, a Trainer job's nodes, the preemption tests). The data and the
-    output may be s3:// URIs (a Trainer job's nodes share no disk with the pipeline)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m sftpipe.stages.finetune")
-    parser.add_argument("--base-model", required=True)
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--validation", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--checkpoint-uri", default="")
-    parser.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
-    parser.add_argument("--mlflow-run-id", default="", help="log into this MLflow run")
-    args = parser.parse_args(argv)
-    local = Path(tempfile.mkdtemp(prefix="sftpipe-entry-"))
-    try:
-        config = TrainConfig.from_values(json.loads(args.config), where="--config")
-        tracker = None
-        if args.mlflow_run_id:
-            from mlflow.tracking import MlflowClient
-
-            from sftpipe.tracking.runs import Tracker
-
-            tracker = Tracker(MlflowClient(), args.mlflow_run_id, "")
-        output = local / "model" if storage.is_s3(args.output) else Path(args.output)
-        run(
-            config,
-            args.base_model,
-            _local_file(args.train, local / "train.parquet"),
-            _local_file(args.validation, local / "validation.parquet"),
-            output,
-            tracker,
-            checkpoint_uri=args.checkpoint_uri,
-        )
-        if output.exists() and output != Path(args.output):  # the main process exported it
-            storage.upload_dir(output, args.output)
-    except SftpipeError as exc:
-        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -98,7 +98,7 @@ def test_spec_failure_and_resubmission():
     }
     assert trainer["command"] == ["torchrun"]
     args = trainer["args"]
-    assert args[:2] == ["-m", "sftpipe.stages.finetune"]
+    assert args[:2] == ["-m", "sftpipe.kfp_glue.finetune_launch"]
     assert "--train=s3://mlpipeline/v2/artifacts/run/tokenize/train" in args
     assert "--output=s3://ckpt/run-1/model" in args
     assert "--checkpoint-uri=s3://ckpt/run-1" in args and "--mlflow-run-id=abc" in args

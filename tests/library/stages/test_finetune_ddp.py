@@ -35,7 +35,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, toke
         "--nproc_per_node",
         "2",
         "-m",
-        "sftpipe.stages.finetune",
+        "sftpipe.kfp_glue.finetune_launch",
         "--base-model",
         str(tiny_model_dir),
         "--train",

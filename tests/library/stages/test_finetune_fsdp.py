@@ -1,12 +1,13 @@
-"""FSDP2 with 2 CPU processes (gloo) under torchrun, launched the way the finetune step launches
-one process per GPU (`finetune.launch`), ends with the weights of one process that accumulates
-the same global batch; its checkpoints resume in a plain single process."""
+"""FSDP2 with 2 CPU processes (gloo) under torchrun, launched the way the finetune step
+launches one process per GPU (`finetune_launch.launch`), ends with the weights of one process
+that accumulates the same global batch; its checkpoints resume in a plain single process."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
+from sftpipe.kfp_glue import finetune_launch
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.stages import finetune
 
@@ -21,9 +22,11 @@ COMMON = dict(
 
 
 def _launch_fsdp(config, tiny_model_dir, tokenized, output, capfd, checkpoint_uri=""):
-    args = finetune.entry_args(config, str(tiny_model_dir), *tokenized, output, checkpoint_uri)
+    args = finetune_launch.entry_args(
+        config, str(tiny_model_dir), *tokenized, output, checkpoint_uri
+    )
     capfd.readouterr()  # drop what came before
-    finetune.launch(2, args)
+    finetune_launch.launch(2, args)
     out = capfd.readouterr().out
     assert "on 2xcpu" in out
     assert out.count("[finetune] done:") == 1  # only the main process reports

@@ -32,7 +32,7 @@ def command(model, tokenized, output, uri):
     return [
         sys.executable,
         "-m",
-        "sftpipe.stages.finetune",
+        "sftpipe.kfp_glue.finetune_launch",
         "--base-model",
         str(model),
         "--train",

@@ -1,0 +1,140 @@
+"""The fine-tune stage as a command and as a group of torchrun processes.
+
+`python -m sftpipe.kfp_glue.finetune_launch --base-model ... --train ... --output ...` runs
+`sftpipe.stages.finetune.run` outside KFP: a restarted pod, the torchrun processes that `launch`
+starts (one per GPU of this machine), a Trainer job's nodes, the preemption tests. The data and
+the output may be s3:// URIs (a Trainer job's nodes share no disk with the pipeline). A failure
+is printed as one line starting with `ERROR_PREFIX`, which `launch` and the TrainJob watcher
+pick out of the workers' output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sftpipe import storage
+from sftpipe.config import TrainConfig
+from sftpipe.errors import SftpipeError
+from sftpipe.stages import finetune
+
+MODULE = "sftpipe.kfp_glue.finetune_launch"  # what torchrun and TrainJob nodes run with -m
+ERROR_PREFIX = "ERROR [finetune] "
+
+
+def processes_per_node(config: TrainConfig) -> int:
+    """Training processes for this machine: `nproc_per_node`, else one per visible GPU."""
+    return config.nproc_per_node or max(1, torch.cuda.device_count())
+
+
+def entry_args(
+    config: TrainConfig,
+    base_model: str,
+    train: str | Path,
+    validation: str | Path,
+    output: str | Path,
+    checkpoint_uri: str = "",
+    mlflow_run_id: str = "",
+) -> list[str]:
+    """The arguments of `python -m sftpipe.kfp_glue.finetune_launch` for one training run."""
+    args = [
+        f"--base-model={base_model}",
+        f"--train={train}",
+        f"--validation={validation}",
+        f"--output={output}",
+        f"--config={config.model_dump_json()}",
+    ]
+    if checkpoint_uri:
+        args.append(f"--checkpoint-uri={checkpoint_uri}")
+    if mlflow_run_id:
+        args.append(f"--mlflow-run-id={mlflow_run_id}")
+    return args
+
+
+def launch(nproc: int, args: list[str]) -> None:
+    """Run the entry point with `args` in `nproc` processes on this machine (torchrun: NCCL on
+    GPUs, gloo on CPU). Their output streams into ours; SIGTERM is passed on, so they checkpoint
+    and stop; a failure is raised as the workers' own one-line error."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        f"--nproc-per-node={nproc}",
+        *("-m", MODULE, *args),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread
+        previous = None
+    error = ""
+    try:
+        for line in process.stdout or ():
+            print(line, end="", flush=True)
+            if not error and line.startswith(ERROR_PREFIX):
+                error = line.removeprefix(ERROR_PREFIX).strip()
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise SftpipeError(
+            f"torchrun ({nproc} processes)", error or f"exited with code {code}", "see the log"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--validation", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--checkpoint-uri", default="")
+    parser.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
+    parser.add_argument("--mlflow-run-id", default="", help="log into this MLflow run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train once with the command line's arguments; 0 on success, 1 with one error line."""
+    args = _parser().parse_args(argv)
+    local = Path(tempfile.mkdtemp(prefix="sftpipe-entry-"))
+    try:
+        config = TrainConfig.from_values(json.loads(args.config), where="--config")
+        tracker = None
+        if args.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            from sftpipe.tracking.runs import Tracker
+
+            tracker = Tracker(MlflowClient(), args.mlflow_run_id, "")
+        output = local / "model" if storage.is_s3(args.output) else Path(args.output)
+        finetune.run(
+            config,
+            args.base_model,
+            storage.local_file(args.train, local / "train.parquet"),
+            storage.local_file(args.validation, local / "validation.parquet"),
+            output,
+            tracker,
+            checkpoint_uri=args.checkpoint_uri,
+        )
+        if output.exists() and output != Path(args.output):  # the main process exported it
+            storage.upload_dir(output, args.output)
+    except SftpipeError as exc:
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
