@@ -121,6 +121,16 @@ def iter_lines(uri: str) -> Iterator[tuple[int, bytes]]:
             yield number, line.rstrip(b"\r\n")
 
 
+def local_file(uri: str, path: Path) -> Path:
+    """`uri` itself when it is a local path; for s3://, a copy downloaded to `path` (for readers
+    that need a file, such as a Parquet reader on a node that shares no disk with the data)."""
+    if not is_s3(uri):
+        return Path(uri)
+    with open_binary(uri) as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return path
+
+
 def upload_file(path: Path, uri: str) -> None:
     bucket, key = split_s3(uri)
     _s3_call(uri, s3_client().upload_file, Filename=str(path), Bucket=bucket, Key=key)

@@ -30,7 +30,7 @@ from sftpipe.config import (
     TrainConfig,
 )
 from sftpipe.errors import ERROR_FILE_ENV, SftpipeError, describe
-from sftpipe.kfp_glue import container
+from sftpipe.kfp_glue import container, finetune_launch
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -378,12 +378,12 @@ def _train(
             run_key(params),
             tracker.run_id,
         )
-    processes = finetune_stage.processes_per_node(config)
+    processes = finetune_launch.processes_per_node(config)
     if processes > 1:
-        args = finetune_stage.entry_args(
+        args = finetune_launch.entry_args(
             config, base_model, train.path, validation.path, model.path, checkpoints, tracker.run_id
         )
-        finetune_stage.launch(processes, args)
+        finetune_launch.launch(processes, args)
         return finetune_stage.read_report(model.path)
     return finetune_stage.run(
         config, base_model, train.path, validation.path, model.path, tracker, checkpoints
