@@ -14,12 +14,17 @@ Kinds (the `scrub_pii` setting lists them; `none` turns scrubbing off):
 
 Checksums keep ordinary numbers (order ids, amounts, dates) from being scrubbed. Kinds are
 applied in the order above, so an identity number is never also counted as a card.
+
+Text that is shown rather than trained on (quarantined rows, reasons, the data report) goes
+through `scrub_shown` with the same kinds: rejected rows are raw, not normalized, so it folds
+full-width characters first, and it cuts the text to its limit only after scrubbing.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable
 
 KINDS = ("email", "id_number", "credit_card", "phone", "ip")
@@ -156,6 +161,15 @@ def scrub(text: str, kinds: tuple[str, ...]) -> tuple[str, dict[str, int]]:
         if n:
             counts[kind] = counts.get(kind, 0) + n
     return text, counts
+
+
+def scrub_shown(text: str, kinds: tuple[str, ...], limit: int) -> str:
+    """`text` as shown in the quarantine and the data report: NFKC-folded (full-width digits
+    and `＠` become the ASCII the patterns match), scrubbed, then cut to `limit` characters (after
+    scrubbing, so that a cut never leaves the start of an address unscrubbed)."""
+    if kinds:
+        text = scrub(unicodedata.normalize("NFKC", text), kinds)[0]
+    return text[:limit]
 
 
 def _valid_id(match: re.Match[str]) -> bool:

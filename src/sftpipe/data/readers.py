@@ -31,6 +31,9 @@ from sftpipe.errors import SftpipeError
 
 MAX_RECORD_BYTES = 64 << 20  # one record (line, array element, CSV row); larger is quarantined
 RAW_PREVIEW = 2000  # characters of a rejected record kept in the quarantine
+# Previews are read this much longer, so that PII crossing the cut is scrubbed whole before
+# the cut (`pii.scrub_shown`).
+PREVIEW_MARGIN = 256
 # A gzip stream that expands more than this (decompressed / stored bytes) is refused: text
 # compresses 3-10x, very repetitive JSONL ~50x, a "zip bomb" ~1000x (deflate's limit).
 MAX_GZIP_RATIO = 200
@@ -226,9 +229,10 @@ def _with_fault(
 
 
 def _preview(data: bytes | str) -> str:
+    size = RAW_PREVIEW + PREVIEW_MARGIN
     if isinstance(data, bytes):
-        data = data[: RAW_PREVIEW * 4].decode("utf-8", "replace")
-    return data[:RAW_PREVIEW]
+        data = data[: size * 4].decode("utf-8", "replace")
+    return data[:size]
 
 
 def _read_jsonl(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
@@ -339,7 +343,7 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
             while True:
                 newline = buf.find("\n", pos)
                 piece = buf[pos : newline if newline >= 0 else len(buf)]
-                head += piece[: max(0, RAW_PREVIEW - len(head))]
+                head += piece[: max(0, RAW_PREVIEW + PREVIEW_MARGIN - len(head))]
                 size += len(piece)
                 if newline >= 0:
                     pos = newline  # skip_space counts the newline
@@ -388,7 +392,7 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
         while end < 0:
             if skipped or reached - start > MAX_RECORD_BYTES:
                 # Too large to keep: drop what was scanned (the scanner keeps its state).
-                head = head or buf[start : start + RAW_PREVIEW]
+                head = head or buf[start : start + RAW_PREVIEW + PREVIEW_MARGIN]
                 line += buf.count("\n", start, reached)
                 skipped += reached - start
                 start = reached
@@ -415,7 +419,7 @@ def _read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
         index += 1
         location = f"{source.name}:{start_line}"
         if skipped or len(text) > MAX_RECORD_BYTES:
-            head = head or text[:RAW_PREVIEW]
+            head = head or text[: RAW_PREVIEW + PREVIEW_MARGIN]
             yield RawRecord(
                 location,
                 error=Reason.RECORD_TOO_LARGE,

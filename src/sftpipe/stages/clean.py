@@ -44,7 +44,13 @@ import numpy as np
 from sftpipe import storage
 from sftpipe.config import DataConfig
 from sftpipe.data import dedupe, langid, parallel, pii
-from sftpipe.data.readers import RAW_PREVIEW, RawRecord, parse_json, read_records
+from sftpipe.data.readers import (
+    PREVIEW_MARGIN,
+    RAW_PREVIEW,
+    RawRecord,
+    parse_json,
+    read_records,
+)
 from sftpipe.data.records import RecordOptions, parse_label_map, parse_languages, to_example
 from sftpipe.data.schemas import FILTER_REASONS, Message, QuarantineRow, Reason, Rejected
 from sftpipe.data.sources import Source, list_sources, shard_sources
@@ -293,15 +299,15 @@ def process_batch(options: CleanOptions, records: list[RawRecord]) -> BatchResul
                     f"language {lang} is not in languages={','.join(sorted(options.languages))}",
                 )
         except Rejected as rejected:
-            raw = record.preview or _raw_text(record)
-            stats.reject(rejected.reason.value, record.location, rejected.detail, raw)
+            # Rejected rows are shown (quarantine, report, MLflow): scrubbed like kept ones.
+            kinds = options.pii_kinds
+            raw = pii.scrub_shown(record.preview or _raw_text(record), kinds, RAW_PREVIEW)
+            detail = pii.scrub_shown(rejected.detail, kinds, len(rejected.detail))
+            stats.reject(rejected.reason.value, record.location, detail, raw)
             quarantine.append(
                 _dumps(
                     QuarantineRow(
-                        source=record.location,
-                        reason=rejected.reason.value,
-                        detail=rejected.detail,
-                        raw=raw,
+                        source=record.location, reason=rejected.reason.value, detail=detail, raw=raw
                     )
                 )
             )
@@ -328,14 +334,16 @@ def process_batch(options: CleanOptions, records: list[RawRecord]) -> BatchResul
 
 
 def _raw_text(record: RawRecord) -> str:
+    """The record's start as text, a margin longer than shown (scrubbed before the cut)."""
     payload = record.payload
+    size = RAW_PREVIEW + PREVIEW_MARGIN
     if isinstance(payload, bytes):
-        return payload[: RAW_PREVIEW * 4].decode("utf-8", "replace")[:RAW_PREVIEW]
+        return payload[: size * 4].decode("utf-8", "replace")[:size]
     try:
-        return json.dumps(payload, ensure_ascii=False, default=str)[:RAW_PREVIEW]
+        return json.dumps(payload, ensure_ascii=False, default=str)[:size]
     except (TypeError, ValueError, RecursionError):
         try:
-            return repr(payload)[:RAW_PREVIEW]
+            return repr(payload)[:size]
         except RecursionError:
             return f"<a {type(payload).__name__} nested too deep to show>"
 
