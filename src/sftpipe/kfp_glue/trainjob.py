@@ -21,12 +21,15 @@ Not supported: other runtimes, initializers, elastic training.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +45,23 @@ SETTINGS_ENV = "SFTPIPE_TRAINJOB"  # NodeSettings as JSON, set on the finetune t
 RUNTIME = "torch-distributed"
 CONTAINER = "node"  # the trainer container of the torch runtime's "node" replicated job
 COMPLETE, FAILED = "Complete", "Failed"
+# The nodes run as the pipeline's pods do (pipelines/cluster.py): as the images' non-root user
+# (docker/Dockerfile: uid 10001), without privilege escalation or capabilities, on a read-only
+# root file system with emptyDirs where Python, torch and Hugging Face write (/tmp and $HOME).
+NODE_UID = 10001
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": NODE_UID,
+    "runAsGroup": NODE_UID,
+    "fsGroup": NODE_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+WRITABLE_DIRS = {"tmp": "/tmp", "home": "/home/sftpipe"}
 
 
 @dataclass(frozen=True)
@@ -107,8 +127,16 @@ def _trainer_and_options(
         # Quantities as strings: the SDK would send the number 2 as 2.0.
         resources_per_node={k: str(v) for k, v in settings.resources.items()} or None,
     )
+    container = opt.ContainerPatch(
+        name=CONTAINER,
+        env=settings.env or None,
+        volume_mounts=[{"name": name, "mountPath": path} for name, path in WRITABLE_DIRS.items()],
+        security_context=CONTAINER_SECURITY,
+    )
     pod = opt.PodSpecPatch(
-        containers=[opt.ContainerPatch(name=CONTAINER, env=settings.env)] if settings.env else None,
+        containers=[container],
+        volumes=[{"name": name, "emptyDir": {}} for name in WRITABLE_DIRS],
+        security_context=POD_SECURITY,
         node_selector=settings.node_selector or None,
         tolerations=settings.tolerations or None,
     )
@@ -174,8 +202,51 @@ def train(
             backend_config or KubernetesBackendConfig(namespace=settings.namespace or None)
         )
         trainer, options = _trainer_and_options(settings, config.num_nodes, name, args)
+        job = _run_job(client, name, where, trainer, options, config.num_nodes, settings)
+    except (RuntimeError, ValueError) as exc:  # the API server or the SDK, not the training
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise storage.TransientError(
+            where, f"{exc}{cause}", "check that Kubeflow Trainer is installed and the RBAC"
+        ) from None
+    log = job.log
+    if job.status != COMPLETE:
+        # A failed job goes: the failure is in the node log above; a retry submits it again,
+        # resuming from the checkpoints.
+        _delete(client, name, "it failed")
+        prefix = finetune_launch.ERROR_PREFIX
+        error = next((ln for ln in log if ln.startswith(prefix)), "").removeprefix(prefix)
+        # The node's own SftpipeError is deterministic; no error line: a lost node, an OOM kill.
+        kind = SftpipeError if error else storage.TransientError
+        raise kind(
+            where,
+            f"failed: {error or 'see the node log above'}",
+            "rerun the step to resume from the checkpoints",
+        )
+    _fetch(output_uri, Path(output_dir))
+    return finetune.read_report(output_dir)
+
+
+@dataclass
+class _Ended:
+    status: str
+    log: list[str]
+
+
+def _run_job(
+    client: Any,
+    name: str,
+    where: str,
+    trainer: Any,
+    options: list[Any],
+    num_nodes: int,
+    settings: NodeSettings,
+) -> _Ended:
+    """Submit (or re-attach to) the job and wait until it ends, streaming node 0's log. A
+    cancelled run (SIGTERM to the step's pod) or a wait past `settings.timeout_s` deletes the
+    job, so no node keeps its GPUs for a run that is over."""
+    with _deleted_on_sigterm(client, name):
         _submit(client, name, trainer, options)
-        print(f"[finetune] {where}: {config.num_nodes} nodes of {settings.image}", flush=True)
+        print(f"[finetune] {where}: {num_nodes} nodes of {settings.image}", flush=True)
         seen: list[str] = []
         node_log = _NodeLog(client, name)
 
@@ -185,29 +256,62 @@ def train(
                 print(f"[finetune] {where}: {job.status}", flush=True)
             node_log.follow_once_running(job)
 
-        job = client.wait_for_job_status(
-            name,
-            {COMPLETE, FAILED},
-            timeout=settings.timeout_s,
-            polling_interval=settings.poll_s,
-            callbacks=[report_status],
+        try:
+            job = client.wait_for_job_status(
+                name,
+                {COMPLETE, FAILED},
+                timeout=settings.timeout_s,
+                polling_interval=settings.poll_s,
+                callbacks=[report_status],
+            )
+        except TimeoutError:
+            _delete(client, name, f"still running after {settings.timeout_s} s")
+            raise SftpipeError(
+                where,
+                f"did not end within {settings.timeout_s} s; deleted",
+                "raise the step's timeout, or lower max_steps",
+            ) from None
+        return _Ended(job.status, node_log.finish())
+
+
+class _Cancelled(BaseException):
+    """SIGTERM arrived: the pipeline run was cancelled (or the step's pod is being stopped)."""
+
+
+@contextlib.contextmanager
+def _deleted_on_sigterm(client: Any, name: str) -> Iterator[None]:
+    """While the block runs, SIGTERM deletes the job and ends the process (exit 143).
+
+    KFP cancels a run by stopping its pods (SIGTERM, then SIGKILL after the grace period);
+    Python's default handling would end the step at once and leave the TrainJob training. Only
+    the main thread can take signals; elsewhere (a test's thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise _Cancelled()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except _Cancelled:
+        _delete(client, name, "the pipeline run was cancelled")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _delete(client: Any, name: str, why: str) -> None:
+    """Delete the job (best effort: a failure to delete must not hide why the step ends)."""
+    try:
+        client.delete_job(name)
+        print(f"[finetune] deleted TrainJob {name}: {why}", flush=True)
+    except Exception as exc:  # the SDK raises RuntimeError, TimeoutError, ...
+        print(
+            f"[finetune] could not delete TrainJob {name} ({exc}): kubectl delete trainjob {name}",
+            flush=True,
         )
-        log = node_log.finish()
-    except (RuntimeError, TimeoutError, ValueError) as exc:
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise SftpipeError(
-            where, f"{exc}{cause}", "check that Kubeflow Trainer is installed and the RBAC"
-        ) from None
-    if job.status != COMPLETE:
-        prefix = finetune_launch.ERROR_PREFIX
-        error = next((ln for ln in log if ln.startswith(prefix)), "").removeprefix(prefix)
-        raise SftpipeError(
-            where,
-            f"failed: {error or 'see the node log above'}",
-            f"kubectl describe trainjob {name}; rerun the step to resume from the checkpoints",
-        )
-    _fetch(output_uri, Path(output_dir))
-    return finetune.read_report(output_dir)
 
 
 class _NodeLog:

@@ -25,6 +25,7 @@ from kubeflow_trainer_api import models
 from kubernetes import client
 from safetensors.torch import load_file
 
+from sftpipe import storage
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.kfp_glue import trainjob
@@ -55,7 +56,8 @@ def _backend(fake: FakeKubernetes) -> KubernetesBackendConfig:
 
 def test_spec_failure_and_resubmission():
     """The TrainJob as POSTed, checked against the Trainer API's model; a failed job is one
-    line with the node's own error; a retried step replaces its failed job."""
+    line with the node's own error (deterministic: not a TransientError) and is deleted; a
+    retried step submits it again."""
     fake = FakeKubernetes(lambda job: (False, "loading\nERROR [finetune] train: it broke (fix)\n"))
     config = TrainConfig(num_nodes=2, distributed_strategy="fsdp", max_steps=3)
     call = dict(
@@ -80,8 +82,9 @@ def test_spec_failure_and_resubmission():
     message = str(failure.value)
     assert "\n" not in message
     assert "train: it broke (fix)" in message and trainjob.job_name("run-1") in message
+    assert not isinstance(failure.value, storage.TransientError)
     name = trainjob.job_name("run-1")
-    assert fake.deleted == [name] and len(fake.created) == 2
+    assert fake.deleted == [name, name] and len(fake.created) == 2
 
     body = fake.created[0]
     job = models.TrainerV1alpha1TrainJob.from_dict(body)  # the Trainer API's own schema
@@ -111,7 +114,31 @@ def test_spec_failure_and_resubmission():
     pod = node["template"]["spec"]["template"]["spec"]
     assert node["name"] == "node" and pod["nodeSelector"] == {"pool": "gpu"}
     assert pod["tolerations"] == SETTINGS.tolerations
-    assert pod["containers"] == [{"name": "node", "env": SETTINGS.env}]
+    assert pod["containers"] == [
+        {
+            "name": "node",
+            "env": SETTINGS.env,
+            "volumeMounts": [
+                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "home", "mountPath": "/home/sftpipe"},
+            ],
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }
+    ]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # The SDK's own models accept the patch (camelCase Kubernetes JSON, as kubectl would).
+    client.ApiClient()._ApiClient__deserialize(pod, "V1PodSpec")
     assert_rbac_allows(fake.requests)
 
 
@@ -253,3 +280,76 @@ def test_cluster_options_become_node_settings():
     assert by_name["MLFLOW_TRACKING_URI"]["configMapKeyRef"]["name"] == "sftpipe-env"
     assert by_name["AWS_ENDPOINT_URL"]["configMapKeyRef"]["optional"] is True
     assert all("value" not in env for env in settings.env)  # references only, no secrets
+
+
+def _call(fake: FakeKubernetes, run_key: str) -> dict:
+    return dict(
+        config=TrainConfig(num_nodes=2, max_steps=3),
+        base_model="s3://models/base",
+        train_uri="s3://data/train",
+        validation_uri="s3://data/validation",
+        output_dir="/tmp/unused",
+        checkpoint_uri=f"s3://ckpt/{run_key}",
+        run_key=run_key,
+        settings=SETTINGS,
+        backend_config=_backend(fake),
+    )
+
+
+def test_a_lost_node_is_transient_and_its_job_deleted():
+    """No error line from the node (killed, lost): a TransientError, which KFP's retry of
+    finetune may get past (sftpipe.kfp_glue.retries); the failed job is deleted either way."""
+    fake = FakeKubernetes(lambda job: (False, "step 10\nKilled\n"))
+    try:
+        with pytest.raises(storage.TransientError, match="failed: see the node log above"):
+            trainjob.train(**_call(fake, "run-lost"))
+    finally:
+        fake.close()
+    assert fake.deleted == [trainjob.job_name("run-lost")]
+
+
+def test_a_cancelled_run_deletes_its_trainjob():
+    """KFP cancels a run by sending SIGTERM to its pods: the step deletes the TrainJob it
+    created (no node keeps training, holding GPUs) and ends with 143 (128 + SIGTERM)."""
+    import signal
+    import threading
+
+    release = threading.Event()
+
+    def cancelled_while_training(job):
+        os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet does to the step's pod
+        release.wait(timeout=120)  # the job "trains" until the test ends
+        return False, ""
+
+    fake = FakeKubernetes(cancelled_while_training)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            trainjob.train(**_call(fake, "run-cancel"))
+    finally:
+        release.set()
+        fake.close()
+    assert ended.value.code == 143
+    assert fake.deleted == [trainjob.job_name("run-cancel")]
+    assert ("DELETE", f"{trainjob_path('team', 'run-cancel')}") in fake.requests
+    assert signal.getsignal(signal.SIGTERM) == before, "the handler is put back"
+
+
+def trainjob_path(namespace: str, run_key: str) -> str:
+    group = "/apis/trainer.kubeflow.org/v1alpha1"
+    return f"{group}/namespaces/{namespace}/trainjobs/{trainjob.job_name(run_key)}"
+
+
+def test_the_model_copy_refuses_keys_outside_its_folder(seaweedfs, s3_env, tmp_path, monkeypatch):
+    """The job's exported model is copied from S3 into the step's output; a key that maps
+    outside the download folder (path traversal) stops the copy in one line."""
+    s3 = storage.s3_client()
+    s3.put_object(Bucket=s3_env, Key="ckpt/run-3/model/config.json", Body=b"{}")
+    real = storage.list_objects
+    hostile = "ckpt/run-3/model/../../../../../escaped.txt"
+    monkeypatch.setattr(storage, "list_objects", lambda uri: [*real(uri), hostile])
+    output = tmp_path / "out" / "model"
+    with pytest.raises(SftpipeError, match="maps outside the download folder") as refused:
+        trainjob._fetch(f"s3://{s3_env}/ckpt/run-3/model", output)
+    assert str(refused.value).startswith(f"s3://{s3_env}/{hostile}: ")
+    assert not list(tmp_path.rglob("escaped.txt")) and not output.exists()
