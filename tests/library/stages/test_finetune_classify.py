@@ -60,3 +60,63 @@ def test_labels_outside_the_map_fail_before_training(encoder, splits, tmp_path):
     with pytest.raises(SftpipeError, match=r"label ids \[1\] are not in the label map"):
         finetune.run(TrainConfig(max_steps=1), str(encoder), bad, splits[1], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def decoder_accuracy(model_dir, path):
+    """Accuracy of an exported decoder classifier, batches padded as finetune pads them."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rows = pq.read_table(path).to_pylist()
+    batch = classify.collate(rows, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        predicted = classify.logits(model, batch).argmax(-1)
+    return float((predicted == batch["labels"]).float().mean())
+
+
+def test_decoder_head_pools_the_last_real_token_whatever_the_padding(tiny_model_dir):
+    # The tiny Llama pads with its end-of-turn token (id 2), as SmolLM2 does.
+    torch.manual_seed(0)
+    model = classify.load_model(tiny_model_dir, {"negative": 0, "positive": 1}).eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    pad = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    assert model.config.pad_token_id == pad
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "label": 0}, {"input_ids": [11, 12], "label": 1}]
+    with torch.no_grad():
+        batched = classify.logits(model, classify.collate(rows, pad))
+        alone = [classify.logits(model, classify.collate([row], pad))[0] for row in rows]
+    # Same fp32 math on fewer columns: equal to rounding.
+    torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_decoder_classifier_learns_and_exports_its_head(tiny_model_dir, splits, tmp_path, method):
+    config = TrainConfig(
+        method=method,
+        max_steps=40,
+        learning_rate=3e-3 if method == "full" else 1e-2,
+        micro_batch_size=16,
+        eval_every=10,
+        class_weights=True,
+        precision="fp32",
+    )
+    report = finetune.run(config, str(tiny_model_dir), *splits, tmp_path / "out")
+    assert report.best_validation_loss < report.history[0]["validation_loss"]
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["architectures"] == ["LlamaForSequenceClassification"]
+    assert exported["pad_token_id"] == 2 and exported["id2label"]["1"] == "positive"
+    # The trained head is in the export (LoRA: peft's modules_to_save copy, merged back).
+    assert decoder_accuracy(tmp_path / "out", splits[1]) >= 0.9
+
+
+def test_same_seed_and_config_give_identical_weights_and_losses(encoder, splits, tmp_path):
+    """Two runs of one config: bit-identical validation losses and exported weights (data
+    order, dropout masks and the fresh head all come from the seed)."""
+    config = TrainConfig(
+        max_steps=6, learning_rate=1e-3, micro_batch_size=8, eval_every=3, precision="fp32"
+    )
+    runs = [finetune.run(config, str(encoder), *splits, tmp_path / name) for name in "ab"]
+    assert [h for h in runs[0].history if "validation_loss" in h] == [
+        h for h in runs[1].history if "validation_loss" in h
+    ]
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in "ab"]
+    assert weights[0] == weights[1]
