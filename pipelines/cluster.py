@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from kfp import kubernetes
 
-from sftpipe.kfp_glue.trainjob import SETTINGS_ENV, NodeSettings
+from sftpipe.kfp_glue.trainjob import NODE_UID, SETTINGS_ENV, WRITABLE_DIRS, NodeSettings
 from sftpipe.tracking.runs import RUN_ID_ENV
 
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
@@ -181,6 +181,15 @@ def apply(task: Any, step: str, options: ClusterOptions) -> None:
     # KFP puts on its pods, so clean and tokenize need no run-id input and stay cacheable across
     # runs.
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
+    # Restricted pods: the images' non-root user (KFP's compiler adds allowPrivilegeEscalation
+    # false, drop ALL and the RuntimeDefault seccomp profile itself). KFP 2.17's platform spec
+    # cannot make the root file system read-only; the emptyDirs where the steps write (/tmp,
+    # $HOME's caches) let an admission policy that does so (e.g. Kyverno) leave them working.
+    kubernetes.set_security_context(
+        task, run_as_user=NODE_UID, run_as_group=NODE_UID, run_as_non_root=True
+    )
+    for volume, path in WRITABLE_DIRS.items():
+        kubernetes.empty_dir_mount(task, volume_name=volume, mount_path=path)
     if options.s3_secret:
         kubernetes.use_secret_as_env(task, options.s3_secret, S3_SECRET_KEYS)
     if options.env_config_map:
