@@ -54,6 +54,10 @@ format: install ## ruff fix + format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+.PHONY: docs
+docs: install ## regenerate docs/parameters.md from the config (a test checks that it is current)
+	$(BIN)/python -m sftpipe.apps.docgen
+
 compile: install ## write the pipeline YAML for a cluster ($(PACKAGE))
 	mkdir -p $(dir $(PACKAGE))
 	$(BIN)/sftpipe compile --output $(PACKAGE)

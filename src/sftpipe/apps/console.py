@@ -29,12 +29,13 @@ from typing import TextIO
 
 from sftpipe.progress import format_duration
 
-# Lines a user reads: `[clean] 80 of 81 rows kept`, `[sftpipe] ...`, and the demo's
-# `sftpipe: converting ...`. Not `[KFP Executor 2026-...]` (a space inside the brackets) nor
-# torchrun's `[rank0]: Traceback` (no space after the bracket).
-USER_LINE = re.compile(r"^(?:\[[A-Za-z][\w.-]*\] |sftpipe: )")
-# A step's one-line error: the command ends with it (see apps/cli.py), so not shown twice.
-STEP_ERROR = re.compile(r"^ERROR \[[\w.-]+\] ")
+# Lines a user reads: a stage's own (`[clean] 80 of 81 rows kept`), sftpipe's (`[sftpipe] ...`,
+# the demo's `sftpipe: converting ...`), a TrainJob node's, and those of the task that runs (a
+# pipeline of other components). By name: libraries use brackets too (`[transformers] Ignoring
+# ...`, `[KFP Executor ...]`, torchrun's `[rank0]: Traceback`), and those stay in the log.
+USER_PREFIX = re.compile(
+    r"^(?:\[(?:sftpipe|clean|tokenize|finetune|evaluate|register|mlflow|node-\d+)\] |sftpipe: )"
+)
 TASK_STARTED = re.compile(r"^Executing task '([^']+)'")
 TASK_FINISHED = re.compile(r"^Task '([^']+)' finished with status (\w+)")
 # Added to an exception that ends a run: where its traceback is.
@@ -105,7 +106,9 @@ class RunLog(io.TextIOBase):
     def _line(self, line: str) -> None:
         # The runner indents a step's output by four spaces, and tqdm redraws with \r.
         text = plain(line).rsplit("\r", 1)[-1].strip()
-        if USER_LINE.match(text):
+        if USER_PREFIX.match(text) or (
+            self.current_task and text.startswith(f"[{self.current_task}] ")
+        ):
             self.show(text)
             return
         self.log(line)

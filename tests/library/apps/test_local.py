@@ -48,6 +48,7 @@ def talkative(word: str) -> str:
 
     print(f"[talkative] said {word}", flush=True)
     print("Some weights of the model checkpoint were not used (a library's notice)", flush=True)
+    print("[transformers] Ignoring clean_up_tokenization_spaces (a library's warning)", flush=True)
     warnings.warn("a deprecation the user cannot act on", UserWarning, stacklevel=1)
     return word
 
@@ -102,6 +103,7 @@ def test_the_console_shows_stages_and_their_lines_the_log_everything(tmp_path):
     assert '"word"' in logged
     assert "Executing task 'talkative'" in logged and "\x1b[" not in logged
     assert "a library's notice" in logged and "UserWarning: a deprecation" in logged
+    assert "[transformers] Ignoring" in logged
     assert "[talkative] said hello" in logged
 
 
