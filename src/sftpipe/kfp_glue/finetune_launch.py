@@ -17,13 +17,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
 
 from sftpipe import storage
 from sftpipe.config import TrainConfig
-from sftpipe.errors import SftpipeError
+from sftpipe.errors import SftpipeError, describe
 from sftpipe.stages import finetune
 
 MODULE = "sftpipe.kfp_glue.finetune_launch"  # what torchrun and TrainJob nodes run with -m
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if output.exists() and output != Path(args.output):  # the main process exported it
             storage.upload_dir(output, args.output)
-    except SftpipeError as exc:
-        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # any failure of a worker: one line (launch() reports the first)
+        if not isinstance(exc, SftpipeError):
+            traceback.print_exc(file=sys.stderr)  # stays in the log, above the line
+        print(f"{ERROR_PREFIX}{describe(exc)}", file=sys.stderr, flush=True)
         return 1
     finally:
         shutil.rmtree(local, ignore_errors=True)

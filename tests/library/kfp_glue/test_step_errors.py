@@ -113,3 +113,21 @@ def test_disk_full_and_foreign_errors_are_one_line():
     assert len(text) < 450 and text.endswith("...")
     assert describe(SftpipeError("f.jsonl", "bad", "fix it")) == "f.jsonl: bad (fix it)"
     assert describe(KeyError()) == "KeyError"
+
+
+@needs_sysfs
+def test_a_finetune_worker_ends_with_one_line_whatever_fails(tiny_model_dir, tokenized, capsys):
+    """The entry point of torchrun workers and TrainJob nodes: here the export folder cannot be
+    made; the worker's line is what `launch` reports for the group."""
+    from sftpipe.kfp_glue import finetune_launch
+
+    train, validation = tokenized
+    argv = [
+        *("--base-model", str(tiny_model_dir), "--train", str(train)),
+        *("--validation", str(validation), "--output", str(UNWRITABLE / "model")),
+        *("--config", json.dumps({"max_steps": 1, "eval_every": 1, "precision": "fp32"})),
+    ]
+    assert finetune_launch.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"{finetune_launch.ERROR_PREFIX}{UNWRITABLE}")
+    assert "(PermissionError" in err[-1] and "Traceback (most recent call last):" in err
