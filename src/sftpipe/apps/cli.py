@@ -559,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     except SftpipeError as exc:
         print(f"sftpipe: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the traceback (if a run was on: in its log) helps no one
+        print("\nsftpipe: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # A failed step (its own one line, from `sftpipe run`), or anything else where the
         # command ends: disk full, permission denied, a bug. One line; the traceback is in

@@ -119,3 +119,17 @@ def test_an_unwritable_output_is_one_line_with_the_traceback_in_a_file(
         f"errno 1) (check the permissions of that path) (traceback: {saved.relative_to(tmp_path)})"
     )
     assert saved.read_text(encoding="utf-8").startswith("Traceback (most recent call last)")
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    """A real SIGINT to this process while a command works: no traceback, exit status 130."""
+    import os
+    import signal
+
+    def interrupted(args, output):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(cli, "compile_package", interrupted)
+    assert cli.main(["compile", "-o", str(tmp_path / "p.yaml")]) == 130
+    assert capsys.readouterr().err.strip() == "sftpipe: interrupted"
