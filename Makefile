@@ -77,8 +77,9 @@ bench-train: install ## finetune vs HF Trainer and TRL SFTTrainer (tokens/s, RSS
 
 # ---------------------------------------------------------------------------------------------
 # cluster: the images, a local kind cluster with Kubeflow Pipelines + MLflow, and the demo run
-# on it. Needs docker (with a running engine), kind, kubectl, git and curl; see README
-# "Run on Kubernetes". The scripts in docker/scripts only ever use the kind cluster's context.
+# on it. Needs docker (with a running engine), kind, kubectl, git and curl; see
+# docs/kubernetes-operations.md. The scripts in docker/scripts only ever use the kind cluster's
+# context.
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 IMAGE_REPOSITORY ?= $(or $(SFTPIPE_IMAGE_REPOSITORY),ghcr.io/sftpipe/sftpipe)
