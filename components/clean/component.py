@@ -19,6 +19,7 @@ def clean(
     data_digest: str,
     file_format: str,
     record_format: str,
+    columns: str,
     max_bad_fraction: float,
     dedupe: bool,
     near_duplicate_threshold: float,

@@ -15,6 +15,7 @@ def clean_plan(
     data_digest: str,
     file_format: str,
     record_format: str,
+    columns: str,
     max_bad_fraction: float,
     dedupe: bool,
     near_duplicate_threshold: float,

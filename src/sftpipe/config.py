@@ -66,7 +66,9 @@ class DataConfig(Section):
     data_uri: str = Field(
         "",
         description="Training data: a file, a directory or glob of shards, or an s3:// object "
-        "or prefix; JSONL, JSON array, CSV/TSV or Parquet, optionally .gz (see Data format). "
+        "or prefix; JSONL, JSON array, CSV/TSV or Parquet, optionally .gz (see Data format); "
+        "or a Hugging Face dataset: a save_to_disk folder, or hf://NAME[/CONFIG][:SPLIT] "
+        "(streamed). "
         "Empty in `sftpipe run` means the bundled chatterbot-corpus demo.",
     )
     file_format: FileFormat = Field(
@@ -76,6 +78,12 @@ class DataConfig(Section):
         "auto",
         description="Record format; auto: detected per record from its columns (messages, "
         "conversations, instruction/output, prompt/completion, text/label, source/target).",
+    )
+    columns: str = Field(
+        "",
+        description="Column mapping for data whose columns have other names: RECORD_COLUMN="
+        "DATA_COLUMN pairs, comma-separated (e.g. messages=dialog,label=sentiment); files and "
+        "datasets alike.",
     )
     max_bad_fraction: float = Field(
         0.2,
@@ -170,6 +178,14 @@ class DataConfig(Section):
         from sftpipe.data.records import parse_label_map
 
         parse_label_map(value)
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _parsable_columns(cls, value: str) -> str:
+        from sftpipe.data.records import parse_columns
+
+        parse_columns(value)
         return value
 
     @field_validator("translation_languages")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from sftpipe import storage
+from sftpipe.data import hf
 from sftpipe.data.schemas import Reason, Rejected
 from sftpipe.data.sources import Source, data_suffix
 from sftpipe.errors import SftpipeError
@@ -184,6 +185,9 @@ def read_records(
 ) -> Iterator[RawRecord]:
     """Every record of one file, in order, as `RawRecord`s (errors included, never raised).
     When the file has been read, `digests[source.uri]` is the SHA-256 of its stored bytes."""
+    if hf.is_hub_uri(source.uri) or hf.saved_dataset_dir(source.uri):
+        yield from _read_dataset(source, digests)
+        return
     with open_stream(source) as (stream, hashing, gunzip):
         kind = file_format_of(source, stream, file_format)
         if kind == "json":
@@ -226,6 +230,18 @@ def _with_fault(
         else:
             yield last
     yield RawRecord(location, error=fault.reason, detail=fault.detail, preview=preview)
+
+
+def _read_dataset(source: Source, digests: dict[str, str] | None) -> Iterator[RawRecord]:
+    """The rows of a Hugging Face dataset; its digest hashes the rows (there are no bytes of
+    one file to hash)."""
+    sha256 = hashlib.sha256()
+    saved = hf.saved_dataset_dir(source.uri)
+    rows = hf.read_saved(saved, source.name) if saved else hf.read_hub(source.uri)
+    for location, row in hf.digest_rows(rows, sha256):
+        yield RawRecord(location, payload=row)
+    if digests is not None:
+        digests[source.uri] = sha256.hexdigest()
 
 
 def _preview(data: bytes | str) -> str:

@@ -63,6 +63,7 @@ class RecordOptions:
     """What `to_example` needs from the config (picklable, for worker processes)."""
 
     record_format: str = "auto"
+    columns: tuple[tuple[str, str], ...] = ()  # (record column, the data's column)
     label_map: tuple[tuple[str, int], ...] = ()
     translation_instruction: str = ""
     translation_languages: tuple[str, str] | None = None
@@ -87,6 +88,58 @@ def parse_label_map(value: str) -> dict[str, int]:
     if any(not name for name in names) or len(set(names)) != len(names):
         raise ValueError("label names must be non-empty and distinct")
     return {name: index for index, name in enumerate(names)}
+
+
+# Every column a record format reads (what `columns` may map a data column to).
+RECORD_COLUMNS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "text",
+    "label",
+    "source",
+    "target",
+    "source_lang",
+    "target_lang",
+    "translation",
+)
+
+
+def parse_columns(value: str) -> tuple[tuple[str, str], ...]:
+    """`messages=dialog,label=sentiment` -> (("messages", "dialog"), ("label", "sentiment")):
+    each record column (left) is read from the data's column (right)."""
+    pairs: list[tuple[str, str]] = []
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        target, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not target or not column:
+            raise ValueError(f"write each mapping as RECORD_COLUMN=DATA_COLUMN, not {item!r}")
+        if target not in RECORD_COLUMNS:
+            raise ValueError(
+                f"{target!r} is not a record column; known: {', '.join(RECORD_COLUMNS)}"
+            )
+        pairs.append((target, column))
+    if len({target for target, _ in pairs}) != len(pairs):
+        raise ValueError("each record column may be mapped once")
+    return tuple(pairs)
+
+
+def map_columns(record: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The record with each mapped column read from the data's column (when the row has it;
+    the mapping wins over a column of the record's own name)."""
+    if not columns:
+        return record
+    mapped = dict(record)
+    for target, column in columns:
+        if column in record:
+            mapped[target] = record[column]
+    return mapped
 
 
 def parse_languages(value: str) -> tuple[str, str] | None:
@@ -256,6 +309,7 @@ def to_example(record: Any, options: RecordOptions) -> dict[str, Any]:
         raise Rejected(
             Reason.NOT_AN_OBJECT, f"a record must be an object, not {type(record).__name__}"
         )
+    record = map_columns(record, options.columns)
     kind = options.record_format
     if kind == "auto":
         kind = detect_record_format(record)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftpipe import storage
+from sftpipe.data import hf
 from sftpipe.errors import SftpipeError
 
 _SUFFIXES = {
@@ -55,6 +56,12 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
     """The input files at `uri`, in a stable (sorted) order. Raises when there are none."""
     if not uri:
         raise SftpipeError("data_uri", "no input data given", "pass --data-uri PATH or s3://...")
+    if hf.is_hub_uri(uri):
+        return [Source(uri, hf.parse_hub_uri(uri).label)]
+    saved = hf.saved_dataset_dir(uri)
+    if saved is not None:  # a `save_to_disk` folder: one source, named by the folder
+        name = Path(uri).name if saved == Path(uri) else f"{Path(uri).name}/{saved.name}"
+        return [Source(str(saved), name)]
     wanted = (lambda rel: True) if file_format != "auto" else (lambda rel: bool(data_suffix(rel)))
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)
@@ -118,3 +125,13 @@ def shard_sources(sources: list[Source], num_shards: int) -> list[list[Source]]:
         shards.append(sources[start:end])
         start = end
     return shards
+
+
+def fingerprint(sources: list[Source]) -> str:
+    """What KFP's cache keys clean on: the files' metadata (`storage.fingerprint`), or for a
+    Hugging Face dataset its own fingerprint (`hf.fingerprint`)."""
+    if len(sources) == 1 and (
+        hf.is_hub_uri(sources[0].uri) or hf.saved_dataset_dir(sources[0].uri)
+    ):
+        return hf.fingerprint(sources[0].uri)
+    return storage.fingerprint([source.uri for source in sources])

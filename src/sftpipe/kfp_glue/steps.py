@@ -171,11 +171,11 @@ def data_digest(params: dict[str, Any]) -> str:
     """What clean's KFP cache is keyed on: a digest of the input files' metadata
     (storage.fingerprint), computed at run time by an uncached task, so that new data at the
     same `data_uri` is cleaned again instead of coming stale from the cache."""
-    from sftpipe.data.sources import list_sources
+    from sftpipe.data.sources import fingerprint, list_sources
 
     config = DataConfig.from_values(params)
     sources = list_sources(config.data_uri, config.file_format)
-    digest = storage.fingerprint([source.uri for source in sources])
+    digest = fingerprint(sources)
     print(f"[clean] {len(sources)} input file(s) of {config.data_uri}: digest {digest}", flush=True)
     return digest
 

@@ -51,7 +51,13 @@ from sftpipe.data.readers import (
     parse_json,
     read_records,
 )
-from sftpipe.data.records import RecordOptions, parse_label_map, parse_languages, to_example
+from sftpipe.data.records import (
+    RecordOptions,
+    parse_columns,
+    parse_label_map,
+    parse_languages,
+    to_example,
+)
 from sftpipe.data.schemas import FILTER_REASONS, Message, QuarantineRow, Reason, Rejected
 from sftpipe.data.sources import Source, list_sources, shard_sources
 from sftpipe.data.text import normalize
@@ -84,6 +90,7 @@ class CleanOptions:
         return cls(
             records=RecordOptions(
                 record_format=config.record_format,
+                columns=parse_columns(config.columns),
                 label_map=tuple(parse_label_map(config.label_map).items()),
                 translation_instruction=config.translation_instruction,
                 translation_languages=parse_languages(config.translation_languages),
