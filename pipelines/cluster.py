@@ -19,7 +19,13 @@ from typing import Any, Literal
 
 from kfp import kubernetes
 
-from sftpipe.kfp_glue.trainjob import NODE_UID, SETTINGS_ENV, WRITABLE_DIRS, NodeSettings
+from sftpipe.kfp_glue.trainjob import (
+    MLFLOW_CLIENT_LABEL,
+    NODE_UID,
+    SETTINGS_ENV,
+    WRITABLE_DIRS,
+    NodeSettings,
+)
 from sftpipe.tracking.runs import RUN_ID_ENV
 
 # What each step needs from the cluster; finetune also gets the accelerator (`gpu=True`).
@@ -83,33 +89,104 @@ class Toleration:
 GPU_TOLERATION = Toleration("nvidia.com/gpu", "", "NoSchedule")
 
 
+def _flag(help: str, **how: Any) -> dict[str, Any]:
+    """A field's command-line flag (`sftpipe compile` and `submit` generate one per field):
+    its help, and optionally its name (`flag`), `metavar` and `choices`."""
+    return {"help": help, **how}
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """How the pipeline runs on a cluster. Defaults: one NVIDIA GPU for finetune."""
 
-    gpu: bool = True
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1
-    node_selector: dict[str, str] = field(default_factory=dict)  # finetune only
-    tolerations: tuple[Toleration, ...] | None = None  # finetune; None: GPU_TOLERATION on GPU
-    s3_secret: str = "sftpipe-s3"  # "" for none (e.g. workload identity)
-    env_config_map: str = "sftpipe-env"
-    mlflow_secret: str = "sftpipe-mlflow"  # optional: mounted only if it exists
-    retries: int = 2  # finetune's KFP retries (RETRIED_TASKS)
-    backoff: str = "30s"
-    backoff_factor: float = 2.0
-    backoff_max: str = "5m"
-    image_pull_policy: str = ""  # "" keeps the cluster default
+    gpu: bool = field(
+        default=True,
+        metadata=_flag(
+            "finetune with a GPU request, in the CUDA image; --no-gpu: without one, in the CPU "
+            "image (kind clusters without GPUs)"
+        ),
+    )
+    accelerator_type: str = field(
+        default="nvidia.com/gpu", metadata=_flag("resource name of the finetune accelerator")
+    )
+    accelerator_count: int = field(
+        default=1, metadata=_flag("accelerators for finetune", flag="gpu_count")
+    )
+    node_selector: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_flag(
+            "node label finetune must run on, e.g. nvidia.com/gpu.present=true (repeatable)",
+            metavar="KEY=VALUE",
+        ),
+    )
+    # None: GPU_TOLERATION on GPU
+    tolerations: tuple[Toleration, ...] | None = field(
+        default=None,
+        metadata=_flag(
+            "taint finetune tolerates (repeatable; default with a GPU: nvidia.com/gpu:NoSchedule)",
+            flag="toleration",
+            metavar="KEY[=VALUE][:EFFECT]",
+        ),
+    )
+    s3_secret: str = field(
+        default="sftpipe-s3",
+        metadata=_flag(
+            "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for every step, '' for none "
+            "(e.g. workload identity)"
+        ),
+    )
+    env_config_map: str = field(
+        default="sftpipe-env",
+        metadata=_flag("ConfigMap with MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL for every step"),
+    )
+    mlflow_secret: str = field(
+        default="sftpipe-mlflow",
+        metadata=_flag(
+            "optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN (mounted only if it "
+            "exists)"
+        ),
+    )
+    retries: int = field(
+        default=2, metadata=_flag("KFP retries of a failed finetune step (RETRIED_TASKS)")
+    )
+    backoff: str = field(default="30s", metadata=_flag("back-off before the first retry"))
+    backoff_factor: float = field(
+        default=2.0, metadata=_flag("back-off multiplier between retries")
+    )
+    backoff_max: str = field(default="5m", metadata=_flag("longest back-off between retries"))
+    image_pull_policy: str = field(
+        default="",
+        metadata=_flag(
+            "image pull policy of every step ('': the cluster's)", choices=PULL_POLICIES[1:]
+        ),
+    )
     # The driver waits on a TrainJob: a fraction of a core (it polls, streams node 0's log and
     # copies the model at the end) and 1G, as its imports (torch, transformers, mlflow, the
     # kubeflow SDK) take ~0.5 GB. Requests only, no limits: it may use more where there is room.
     cpu_requests: dict[str, str] = field(
-        default_factory=lambda: {"finetune": "4", FINETUNE_DRIVER: "500m"}
+        default_factory=lambda: {"finetune": "4", FINETUNE_DRIVER: "500m"},
+        metadata=_flag(
+            "CPU request of a step, e.g. finetune=2 (repeatable)",
+            flag="cpu_request",
+            metavar="STEP=CPU",
+        ),
     )
     memory_requests: dict[str, str] = field(
-        default_factory=lambda: {"finetune": "16G", "evaluate": "8G", FINETUNE_DRIVER: "1G"}
+        default_factory=lambda: {"finetune": "16G", "evaluate": "8G", FINETUNE_DRIVER: "1G"},
+        metadata=_flag(
+            "memory request of a step, e.g. finetune=6G (repeatable)",
+            flag="memory_request",
+            metavar="STEP=SIZE",
+        ),
     )
-    clean_shards: int = 1  # >1: clean fans out over groups of input files (dsl.ParallelFor)
+    clean_shards: int = field(
+        default=1,
+        metadata=_flag(
+            "clean in N parallel shards of the input files, then merge (large inputs; "
+            "dsl.ParallelFor)",
+            metavar="N",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.accelerator_count < 1:
@@ -190,6 +267,8 @@ def apply(task: Any, step: str, options: ClusterOptions) -> None:
     )
     for volume, path in WRITABLE_DIRS.items():
         kubernetes.empty_dir_mount(task, volume_name=volume, mount_path=path)
+    # What the MLflow server's NetworkPolicy admits (docker/k8s/mlflow/networkpolicy.yaml).
+    kubernetes.add_pod_label(task, *MLFLOW_CLIENT_LABEL)
     if options.s3_secret:
         kubernetes.use_secret_as_env(task, options.s3_secret, S3_SECRET_KEYS)
     if options.env_config_map:

@@ -4,6 +4,10 @@
 #                            (PostgreSQL keeps the password it was initialized with)
 #   mlflow/mlflow-s3         AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for MLflow's artifacts
 #   kubeflow/sftpipe-s3      the same keys, for the pipeline's steps (data_uri, base_model)
+#   mlflow/mlflow-auth       the MLflow server's admin (admin-username=admin, admin-password
+#                            <random>) and flask-secret-key <random>; kept when it exists
+#   kubeflow/sftpipe-mlflow  MLFLOW_TRACKING_USERNAME/PASSWORD the steps log in to MLflow with
+#                            (the admin here; on a shared cluster create a user of their own)
 # The S3 keys are S3_ACCESS_KEY_ID/S3_SECRET_ACCESS_KEY when set, else those of KFP's own
 # object store (Secret kubeflow/mlpipeline-minio-artifact).
 # kubectl context: $KUBE_CONTEXT (default: the kind cluster's). Idempotent.
@@ -46,3 +50,19 @@ printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$access_key" "$secret
     >"$workdir/s3.env"
 put_secret mlflow mlflow-s3 "$workdir/s3.env"
 put_secret kubeflow sftpipe-s3 "$workdir/s3.env"
+
+if k -n mlflow get secret mlflow-auth >/dev/null 2>&1; then
+    log "secret mlflow/mlflow-auth exists (kept)"
+else
+    admin_password="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    flask_key="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+    printf 'admin-username=admin\nadmin-password=%s\nflask-secret-key=%s\n' \
+        "$admin_password" "$flask_key" >"$workdir/auth.env"
+    put_secret mlflow mlflow-auth "$workdir/auth.env"
+fi
+admin_user="$(k -n mlflow get secret mlflow-auth -o jsonpath='{.data.admin-username}' | base64 --decode)"
+admin_password="$(k -n mlflow get secret mlflow-auth -o jsonpath='{.data.admin-password}' |
+    base64 --decode)"
+printf 'MLFLOW_TRACKING_USERNAME=%s\nMLFLOW_TRACKING_PASSWORD=%s\n' "$admin_user" "$admin_password" \
+    >"$workdir/mlflow.env"
+put_secret kubeflow sftpipe-mlflow "$workdir/mlflow.env"

@@ -42,7 +42,6 @@ def test_the_digest_task_is_never_cached_and_keys_clean(spec):
     assert produced_by in ("clean", "clean-merge")  # re-run when the digest changes
 
 
-
 def test_new_data_at_the_same_uri_changes_the_digest_and_cleans_cache_key(tmp_path):
     """The digest component run by KFP's local runner, before and after the file at the same
     data_uri changes; then KFP's own cache-key function (kfp.local.cache, which keys like the

@@ -42,8 +42,15 @@ OVERLAYS = {name: K8S / "overlays" / name for name in ("kind", "cluster")}
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 MLFLOW_IMAGE = f"ghcr.io/sftpipe/sftpipe-mlflow:{VERSION}"
 STEP_IMAGE = f"ghcr.io/sftpipe/sftpipe:{VERSION}"
-# The Secrets the manifests may reference; docker/scripts/secrets.sh makes exactly these.
-SECRETS = {("mlflow", "mlflow-postgres"), ("mlflow", "mlflow-s3"), ("kubeflow", "sftpipe-s3")}
+# The Secrets the manifests may reference; docker/scripts/secrets.sh makes exactly these, and
+# the one the compiled pipeline's steps read MLflow's user from (ClusterOptions.mlflow_secret).
+SECRETS = {
+    ("mlflow", "mlflow-postgres"),
+    ("mlflow", "mlflow-s3"),
+    ("mlflow", "mlflow-auth"),
+    ("kubeflow", "sftpipe-s3"),
+}
+PIPELINE_SECRETS = {("kubeflow", cluster.ClusterOptions().mlflow_secret)}
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 
 
@@ -165,7 +172,7 @@ def test_secret_and_config_map_references_resolve():
     assert secrets_used == SECRETS
     script = (SCRIPTS / "secrets.sh").read_text()
     made = set(re.findall(r"put_secret (\S+) (\S+) ", script))
-    assert made == SECRETS, "docker/scripts/secrets.sh does not make exactly the Secrets used"
+    assert made == SECRETS | PIPELINE_SECRETS, "secrets.sh does not make exactly the Secrets used"
 
 
 def test_services_select_pods_that_exist():
@@ -191,8 +198,16 @@ def test_mlflow_server_serves_postgres_and_proxied_s3_artifacts():
     args = server["command"] + server["args"]
     assert args[:2] == ["mlflow", "server"]
     options = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
-    assert options["--backend-store-uri"].startswith("postgresql+psycopg2://")
-    assert "$(POSTGRES_PASSWORD)" in options["--backend-store-uri"]
+    # No user or password on the command line (`ps`, the pod's spec): libpq reads PGUSER and
+    # PGPASSWORD from the environment, which the Secret fills.
+    assert (
+        options["--backend-store-uri"]
+        == "postgresql+psycopg2://mlflow-postgres:5432/$(POSTGRES_DB)"
+    )
+    env = {e["name"]: e for e in server["env"]}
+    for var, key in (("PGUSER", "username"), ("PGPASSWORD", "password")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": key}
+    assert not re.search(r"\$\((PG|POSTGRES_(USER|PASSWORD))", " ".join(args))
     assert re.fullmatch(r"s3://\$\(MLFLOW_BUCKET\)/\w+", options["--artifacts-destination"])
     assert "--serve-artifacts" in args
     env_names = {e["name"] for e in server["env"]}
@@ -226,7 +241,11 @@ def test_pipeline_settings_match_what_compile_references():
     assert set(env["data"]) <= set(cluster.ENV_REQUIRED_KEYS) | set(cluster.ENV_OPTIONAL_KEYS)
     assert env["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc.cluster.local:5000"
     assert ("kubeflow", options.s3_secret) in SECRETS
-    config = next(o for o in render(K8S / "mlflow") if o["kind"] == "ConfigMap")
+    config = next(
+        o
+        for o in render(K8S / "mlflow")
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "mlflow-server"
+    )
     hosts = config["data"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert "mlflow.mlflow.svc.cluster.local:*" in hosts
 
@@ -279,8 +298,8 @@ def test_mlflow_dockerfile_passes_hadolint(tmp_path: Path):
 
 def test_mlflow_image_pins_the_constraints():
     dockerfile = (K8S / "mlflow" / "Dockerfile").read_text()
-    pins = dict(re.findall(r"\b(mlflow|boto3|psycopg2-binary)==([\w.]+)", dockerfile))
-    assert set(pins) == {"mlflow", "boto3", "psycopg2-binary"}
+    pins = dict(re.findall(r"\b(mlflow|boto3|psycopg2-binary|flask-wtf)==([\w.]+)", dockerfile))
+    assert set(pins) == {"mlflow", "boto3", "psycopg2-binary", "flask-wtf"}  # flask-wtf: [auth]
     for name, version in pins.items():
         assert version == constraint(name), f"{name}=={version} differs from constraints.txt"
     assert "-c constraints.txt" in dockerfile
@@ -329,3 +348,91 @@ def test_demo_job_uploads_with_the_pipeline_settings():
     local_run = (SCRIPTS / "local-run.sh").read_text()
     prefix = c["command"][2]
     assert f'DEMO_PREFIX="{prefix}"' in local_run
+
+
+def test_mlflow_asks_for_a_user():
+    """MLflow's basic-auth app: the admin from Secret mlflow-auth, users in the tracking
+    database (no password in the mounted config), a fixed session key for every worker."""
+    objects = render(K8S / "mlflow")
+    (deploy,) = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    env = {e["name"]: e for e in server["env"]}
+    for var, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "admin-username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+    ):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "auth-config"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/basic_auth.ini"
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "auth-config"]
+    config_maps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    ini = config_maps[volume["configMap"]["name"]]["basic_auth.ini"]
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read_string(ini)
+    settings = dict(parser["mlflow"])
+    database = config_maps["mlflow-server"]["POSTGRES_DB"]
+    assert settings["database_uri"] == f"postgresql+psycopg2://mlflow-postgres:5432/{database}"
+    assert not SECRETISH.search(ini.replace("authorization_function", "")), "a secret in the ini"
+    assert settings["default_permission"] in ("READ", "NO_PERMISSIONS")
+
+
+def _admits(policy, namespace_labels, pod_labels, port):
+    """Whether an Ingress NetworkPolicy admits a pod with these labels to `port`."""
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and all(p["port"] != port for p in rule["ports"]):
+            continue
+        peers = rule.get("from")
+        if peers is None:
+            return True
+        for peer in peers:
+            ns_sel = peer.get("namespaceSelector")
+            pod_sel = peer.get("podSelector")
+            ns_ok = (
+                ns_sel is not None
+                and ns_sel.get("matchLabels", {}).items() <= namespace_labels.items()
+            )
+            ns_ok = ns_ok or (
+                ns_sel is None
+                and namespace_labels.get("kubernetes.io/metadata.name")
+                == policy["metadata"]["namespace"]
+            )
+            pod_ok = pod_sel is None or pod_sel.get("matchLabels", {}).items() <= pod_labels.items()
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def test_only_the_pipelines_pods_and_the_ui_reach_mlflow():
+    """The `mlflow` NetworkPolicy: the pods that carry the label pipelines/cluster.py and the
+    TrainJob's nodes get (any namespace), and namespaces labelled for the UI; nobody else. The
+    kind overlay adds the UI's NodePort, the cluster overlay does not."""
+    from sftpipe.kfp_glue.trainjob import MLFLOW_CLIENT_LABEL
+
+    base = [o for o in render(K8S / "mlflow") if o["kind"] == "NetworkPolicy"]
+    (policy,) = [p for p in base if p["metadata"]["name"] == "mlflow"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    step = dict([MLFLOW_CLIENT_LABEL])
+    kubeflow = {"kubernetes.io/metadata.name": "kubeflow"}
+    profile = {"kubernetes.io/metadata.name": "team-a"}
+    assert _admits(policy, kubeflow, step, 5000)
+    assert _admits(policy, profile, step, 5000)  # multi-user KFP: the profile's namespace
+    assert _admits(policy, {"sftpipe.io/mlflow-ui": "allowed"}, {"app": "ingress-nginx"}, 5000)
+    assert not _admits(policy, kubeflow, {"app": "ml-pipeline-ui"}, 5000)
+    assert not _admits(policy, profile, {"app": "notebook"}, 5000)
+    assert not _admits(policy, kubeflow, step, 5432)
+    for name, overlay in OVERLAYS.items():
+        rendered = render(overlay)
+        policies = {
+            p["metadata"]["name"]: p
+            for p in rendered
+            if p["kind"] == "NetworkPolicy" and p["metadata"]["namespace"] == "mlflow"
+        }
+        assert {"mlflow", "mlflow-postgres"} <= set(policies), name
+        assert ("mlflow-ui-from-host" in policies) == (name == "kind"), name

@@ -360,6 +360,7 @@ def test_wait_prints_task_changes_only():
     class Api:
         def run_url(self, run_id: str) -> str:
             return f"http://x/#/runs/details/{run_id}"
+
         runs = iter(
             [
                 {

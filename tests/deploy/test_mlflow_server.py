@@ -6,8 +6,10 @@ the kubelet does), with the cluster's host names swapped for local servers: a re
 PostgreSQL (initdb + pg_ctl on a free port, as the StatefulSet's backend) and the real
 SeaweedFS of tests/fixtures (KFP's object store). The init container's bucket script runs
 first, also as written. Then the server must answer the way the pipeline steps and the probes
-reach it: `/health` under the pod IP, the REST API under the Service's DNS name, artifacts
-proxied into the bucket, runs stored in PostgreSQL, and foreign Host headers refused.
+reach it: `/health` under the pod IP without a user, the REST API under the Service's DNS
+name only with the admin's user and password (MLflow's basic-auth app, users in the same
+PostgreSQL), artifacts proxied into the bucket, runs stored in PostgreSQL, and foreign Host
+headers refused. The database password is in the server's environment, not its command line.
 """
 
 from __future__ import annotations
@@ -163,8 +165,14 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
     config_maps["mlflow-server"].update(
         MLFLOW_S3_ENDPOINT_URL=seaweedfs.endpoint_url, MLFLOW_BUCKET=bucket
     )
+    admin = ("admin", uuid.uuid4().hex)
     secrets = {  # what docker/scripts/secrets.sh puts in them
         "mlflow-postgres": {"username": postgres.user, "password": postgres.password},
+        "mlflow-auth": {
+            "admin-username": admin[0],
+            "admin-password": admin[1],
+            "flask-secret-key": uuid.uuid4().hex,
+        },
         "mlflow-s3": {
             "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
             "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
@@ -191,10 +199,21 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
 
     env = {**base, **container_env(server, config_maps, secrets), "HOME": str(tmp_path)}
     env["MPLCONFIGDIR"] = str(tmp_path / "matplotlib")
+    local_db = f"//127.0.0.1:{postgres.port}/"
+    # The ConfigMap mlflow-auth, as mounted at MLFLOW_AUTH_CONFIG_PATH, with the local database.
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "auth-config"]
+    ini = config_maps["mlflow-auth"]["basic_auth.ini"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == f"{mount['mountPath']}/basic_auth.ini"
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    Path(env["MLFLOW_AUTH_CONFIG_PATH"]).write_text(
+        ini.replace("//mlflow-postgres:5432/", local_db)
+    )
     port = free_port()
     argv = [expand(a, env) for a in [*server["command"], *server["args"]]]
+    assert postgres.password not in " ".join(argv), "the password is on the command line"
+    assert "--app-name=basic-auth" in argv
     argv = [
-        a.replace("@mlflow-postgres:5432/", f"@127.0.0.1:{postgres.port}/")
+        a.replace("//mlflow-postgres:5432/", local_db)
         .replace("--host=0.0.0.0", "--host=127.0.0.1")
         .replace("--port=5000", f"--port={port}")
         for a in argv
@@ -217,10 +236,22 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
         proc.wait_until(health, 120, "the readiness probe passes")
 
         as_steps = {"Host": SERVICE_HOST}
+        anonymous = requests.get(
+            f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers=as_steps, timeout=30
+        )
+        assert anonymous.status_code == 401, anonymous.status_code
+        wrong = requests.get(
+            f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers=as_steps,
+            auth=(admin[0], "not-the-password"),
+            timeout=30,
+        )
+        assert wrong.status_code == 401, wrong.status_code
         created = requests.post(
             f"{url}/api/2.0/mlflow/experiments/create",
             json={"name": "deploy-test"},
             headers=as_steps,
+            auth=admin,
             timeout=30,
         )
         assert created.status_code == 200, created.text
@@ -229,6 +260,7 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
             f"{url}/api/2.0/mlflow/experiments/get",
             params={"experiment_id": experiment_id},
             headers=as_steps,
+            auth=admin,
             timeout=30,
         ).json()["experiment"]
         assert experiment["artifact_location"].startswith("mlflow-artifacts:")
@@ -237,6 +269,7 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
             f"{url}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/r1/artifacts/hello.txt",
             data=b"hello from a pipeline step",
             headers=as_steps,
+            auth=admin,
             timeout=30,
         )
         assert uploaded.status_code == 200, uploaded.text
@@ -246,6 +279,7 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
         foreign = requests.get(
             f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
             headers={"Host": "attacker.example.com"},
+            auth=admin,
             timeout=30,
         )
         assert foreign.status_code in (400, 403), foreign.status_code
@@ -264,6 +298,8 @@ def test_mlflow_server_runs_as_deployed(postgres: Postgres, seaweedfs: Any, tmp_
             cursor = conn.cursor()
             cursor.execute("SELECT name FROM experiments")
             assert "deploy-test" in {row[0] for row in cursor.fetchall()}
+            cursor.execute("SELECT username FROM users")  # the auth app's, same database
+            assert [row[0] for row in cursor.fetchall()] == [admin[0]]
     finally:
         proc.stop()
         assert "Traceback" not in proc.log_tail(400), proc.log_tail(60)

@@ -62,6 +62,9 @@ CONTAINER_SECURITY: dict[str, Any] = {
     "capabilities": {"drop": ["ALL"]},
 }
 WRITABLE_DIRS = {"tmp": "/tmp", "home": "/home/sftpipe"}
+# The pod label the MLflow server's NetworkPolicy admits (docker/k8s/mlflow/networkpolicy.yaml):
+# on the pipeline's pods (pipelines/cluster.py) and on the TrainJob's nodes, which log to MLflow.
+MLFLOW_CLIENT_LABEL = ("sftpipe.io/mlflow-client", "true")
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,11 @@ def _trainer_and_options(
     node = opt.ReplicatedJobPatch(
         name=CONTAINER,
         template=opt.JobTemplatePatch(
-            spec=opt.JobSpecPatch(template=opt.PodTemplatePatch(spec=pod))
+            spec=opt.JobSpecPatch(
+                template=opt.PodTemplatePatch(
+                    metadata={"labels": dict([MLFLOW_CLIENT_LABEL])}, spec=pod
+                )
+            )
         ),
     )
     patch = opt.RuntimePatch(

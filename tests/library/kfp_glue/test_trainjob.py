@@ -113,6 +113,8 @@ def test_spec_failure_and_resubmission():
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = node["template"]["spec"]["template"]["spec"]
     assert node["name"] == "node" and pod["nodeSelector"] == {"pool": "gpu"}
+    labels = node["template"]["spec"]["template"]["metadata"]["labels"]
+    assert labels == {"sftpipe.io/mlflow-client": "true"}  # what MLflow's NetworkPolicy admits
     assert pod["tolerations"] == SETTINGS.tolerations
     assert pod["containers"] == [
         {
