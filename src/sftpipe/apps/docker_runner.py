@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,40 @@ def run_user() -> str:
     return f"{uid if uid != 0 else IMAGE_USER}:0"
 
 
+def _readable_by(path: Path, uid: int) -> bool:
+    """Whether a process of `uid` and group 0 (the containers' user) may read `path`."""
+    st = path.stat()
+    need = (stat.S_IRUSR | stat.S_IXUSR) if path.is_dir() else stat.S_IRUSR
+    if st.st_uid == uid:
+        return st.st_mode & need == need
+    if st.st_gid == 0:
+        return st.st_mode & (need >> 3) == need >> 3
+    return st.st_mode & (need >> 6) == need >> 6
+
+
+def make_readable(inputs: list[Path], cache: Path) -> None:
+    """The containers' user must read the run's local inputs. Files sftpipe made itself (the
+    demo's converted model and data in its cache; `save_pretrained` writes weights 0600) are
+    opened to group 0; anything else that is not readable is one line saying what to do."""
+    uid = int(run_user().split(":")[0])
+    for root in inputs:
+        for path in [root, *(root.rglob("*") if root.is_dir() else [])]:
+            if _readable_by(path, uid):
+                continue
+            if cache in path.parents and path.stat().st_gid == 0:
+                path.chmod(
+                    path.stat().st_mode | (stat.S_IRGRP | (stat.S_IXGRP if path.is_dir() else 0))
+                )
+                continue
+            # Group 0 is the containers' group: for a file of group 0 its group bits decide.
+            bits = "g+r" if path.stat().st_gid == 0 else "o+r"
+            raise SftpipeError(
+                str(path),
+                f"not readable by the containers' user (uid {uid}, group 0)",
+                f"chmod {bits}{'X' if path.is_dir() else ''} it, or put it on S3",
+            )
+
+
 def share_with_group(workdir: Path) -> None:
     """Let the containers' group 0 write the work folder's top-level files and folders that this
     (root) process made: the pipeline root, the SQLite store, the logs."""
@@ -99,7 +134,7 @@ def share_with_group(workdir: Path) -> None:
         return
     for path in [workdir, *workdir.iterdir()]:
         if path.is_dir() or path.suffix in (".db", ".txt"):
-            path.chmod(path.stat().st_mode | 0o070)
+            path.chmod(path.stat().st_mode | stat.S_IRWXG)
 
 
 def make_runner(
@@ -110,6 +145,7 @@ def make_runner(
     from docker.types import Mount
     from kfp import local
 
+    from sftpipe.apps.local import cache_dir
     from sftpipe.components.images import CPU_IMAGE
 
     client = engine()
@@ -126,12 +162,10 @@ def make_runner(
     # Made here, not by the engine: a bind-mount source that does not exist is created root-only.
     pipeline_root.mkdir(parents=True, exist_ok=True)
     share_with_group(workdir)
+    inputs = [p for p in local_folders(values) if workdir not in p.parents and p != workdir]
+    make_readable(inputs, cache_dir().resolve())
     mounts = [Mount(str(workdir), str(workdir), type="bind")]
-    mounts += [
-        Mount(str(p), str(p), type="bind", read_only=True)
-        for p in local_folders(values)
-        if workdir not in p.parents and p != workdir
-    ]
+    mounts += [Mount(str(p), str(p), type="bind", read_only=True) for p in inputs]
     announce(f"[sftpipe] docker runner: steps run in {CPU_IMAGE} ({cpu_id[7:19]}), host network")
     runner = local.DockerRunner(
         network_mode="host",
