@@ -172,96 +172,58 @@ def summary_lines(config: PipelineConfig, result: Any) -> list[str]:
     return lines
 
 
+CLUSTER_DEST = "cluster_"  # argparse dest prefix of the cluster flags (no clash with config)
+
+
+def _cluster_fields() -> list[tuple[Any, Any, str]]:
+    """(field, resolved type, flag) of every `ClusterOptions` field."""
+    import dataclasses
+
+    from sftpipe.pipelines import cluster
+
+    hints = typing.get_type_hints(cluster.ClusterOptions, vars(cluster))
+    return [
+        (f, hints[f.name], "--" + f.metadata.get("flag", f.name).replace("_", "-"))
+        for f in dataclasses.fields(cluster.ClusterOptions)
+    ]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return "none" if value is None else repr(value)
+
+
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """Compile-time cluster settings (`sftpipe.pipelines.cluster.ClusterOptions`)."""
+    """Compile-time cluster settings: one flag per `ClusterOptions` field (its help and flag
+    name from the field's metadata, its type and default from the field): booleans as
+    --x/--no-x, dicts as repeatable KEY=VALUE merged into the default, tuples as repeatable
+    items parsed by the item type's `parse`."""
     from sftpipe.pipelines.cluster import ClusterOptions
 
-    d = ClusterOptions()
+    defaults = ClusterOptions()
     group = parser.add_argument_group("cluster (compile-time Kubernetes settings)")
-    group.add_argument(
-        "--no-gpu",
-        action="store_true",
-        help="finetune without a GPU request, in the CPU image (kind clusters without GPUs)",
-    )
-    group.add_argument(
-        "--accelerator-type",
-        default=d.accelerator_type,
-        help=f"resource name of the finetune accelerator (default: {d.accelerator_type})",
-    )
-    group.add_argument(
-        "--gpu-count",
-        type=int,
-        default=d.accelerator_count,
-        help=f"accelerators for finetune (default: {d.accelerator_count})",
-    )
-    group.add_argument(
-        "--clean-shards",
-        type=int,
-        default=d.clean_shards,
-        metavar="N",
-        help="clean in N parallel shards of the input files, then merge (large inputs; "
-        f"default: {d.clean_shards})",
-    )
-    group.add_argument(
-        "--node-selector",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node label finetune must run on, e.g. nvidia.com/gpu.present=true (repeatable)",
-    )
-    group.add_argument(
-        "--toleration",
-        action="append",
-        default=None,
-        metavar="KEY[=VALUE][:EFFECT]",
-        help="taint finetune tolerates (repeatable; default with a GPU: nvidia.com/gpu:NoSchedule)",
-    )
-    group.add_argument(
-        "--cpu-request",
-        action="append",
-        default=[],
-        metavar="STEP=CPU",
-        help=f"CPU request of a step, e.g. finetune=2 (default: {d.cpu_requests})",
-    )
-    group.add_argument(
-        "--memory-request",
-        action="append",
-        default=[],
-        metavar="STEP=SIZE",
-        help=f"memory request of a step, e.g. finetune=6G (default: {d.memory_requests})",
-    )
-    group.add_argument(
-        "--s3-secret",
-        default=d.s3_secret,
-        help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for every step, '' for none "
-        f"(default: {d.s3_secret})",
-    )
-    group.add_argument(
-        "--env-config-map",
-        default=d.env_config_map,
-        help="ConfigMap with MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL for every step "
-        f"(default: {d.env_config_map})",
-    )
-    group.add_argument(
-        "--mlflow-secret",
-        default=d.mlflow_secret,
-        help="optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN "
-        f"(default: {d.mlflow_secret})",
-    )
-    group.add_argument(
-        "--retries",
-        type=int,
-        default=d.retries,
-        help=f"KFP retries of finetune after a transient failure (a lost node), with back-off "
-        f"{d.backoff} x{d.backoff_factor:g}; deterministic failures are not retried "
-        f"(default: {d.retries})",
-    )
-    group.add_argument(
-        "--image-pull-policy",
-        choices=("Always", "IfNotPresent", "Never"),
-        default=None,
-        help="image pull policy of every step (default: the cluster's)",
-    )
+    for f, kind, flag in _cluster_fields():
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {_shown(default)})".replace("%", "%%")
+        how: dict[str, Any] = {"dest": CLUSTER_DEST + f.name, "help": help_text}
+        choices = f.metadata.get("choices")
+        if not choices:  # argparse shows the choices themselves
+            how["metavar"] = f.metadata.get("metavar") or getattr(kind, "__name__", "").upper()
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **how)
+        elif typing.get_origin(kind) is dict or _tuple_item(kind) is not None:
+            group.add_argument(flag, action="append", default=None, **how)
+        else:
+            group.add_argument(flag, type=kind, default=None, choices=choices, **how)
+
+
+def _tuple_item(kind: Any) -> Any:
+    """X of `tuple[X, ...]` or `tuple[X, ...] | None`; None for other types."""
+    for option in (kind, *typing.get_args(kind)):
+        if typing.get_origin(option) is tuple:
+            return typing.get_args(option)[0]
+    return None
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -275,29 +237,23 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def cluster_options_from_args(args: argparse.Namespace) -> Any:
-    from sftpipe.pipelines.cluster import ClusterOptions, Toleration
+    """The `ClusterOptions` of the cluster flags (an unset flag keeps the field's default)."""
+    from sftpipe.pipelines.cluster import ClusterOptions
 
-    d = ClusterOptions()
+    defaults = ClusterOptions()
+    values: dict[str, Any] = {}
     try:
-        return ClusterOptions(
-            gpu=not args.no_gpu,
-            accelerator_type=args.accelerator_type,
-            accelerator_count=args.gpu_count,
-            node_selector=_pairs(args.node_selector, "--node-selector"),
-            tolerations=(
-                None
-                if args.toleration is None
-                else tuple(Toleration.parse(t) for t in args.toleration if t)
-            ),
-            s3_secret=args.s3_secret,
-            env_config_map=args.env_config_map,
-            mlflow_secret=args.mlflow_secret,
-            retries=args.retries,
-            image_pull_policy=args.image_pull_policy or "",
-            cpu_requests=d.cpu_requests | _pairs(args.cpu_request, "--cpu-request"),
-            memory_requests=d.memory_requests | _pairs(args.memory_request, "--memory-request"),
-            clean_shards=args.clean_shards,
-        )
+        for f, kind, flag in _cluster_fields():
+            given = getattr(args, CLUSTER_DEST + f.name)
+            if given is None:
+                continue
+            if typing.get_origin(kind) is dict:
+                values[f.name] = getattr(defaults, f.name) | _pairs(given, flag)
+            elif (item := _tuple_item(kind)) is not None:
+                values[f.name] = tuple(item.parse(text) for text in given if text)
+            else:
+                values[f.name] = given
+        return ClusterOptions(**values)
     except ValueError as exc:
         raise SftpipeError("cluster options", str(exc), "see `sftpipe compile --help`") from None
 
