@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from sftpipe import storage
 from sftpipe.errors import SftpipeError
@@ -172,3 +177,59 @@ class CheckpointStore:
             if storage.sha256_file(path) != meta["sha256"]:
                 return False
         return True
+
+
+# --- random number generators ------------------------------------------------------------------
+# Every process draws its own dropout masks (its micro-batches differ in shape, so their streams
+# drift apart): a checkpoint keeps each rank's states, as HF Trainer's rng_state_<rank>.pth do,
+# so a resumed run on the same number of processes draws what an uninterrupted one would.
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators: Python, NumPy, torch CPU and (when present) this CUDA
+    device. Plain types and tensors only, so `torch.load(weights_only=True)` reads them."""
+    version, keys, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [version, list(keys), gauss],
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Restore what `rng_state` returned (a bare tensor: an older checkpoint's CPU state)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_rng_state(saved: list[Any] | torch.Tensor, rank: int, size: int) -> tuple[Any, bool]:
+    """The state this rank resumes with, and whether it is exactly its own: a checkpoint of
+    another number of processes gives rank r the state of rank r mod saved (deterministic, but
+    dropout then differs from an uninterrupted run)."""
+    if isinstance(saved, torch.Tensor):  # older checkpoints: rank 0's CPU state only
+        return saved, size == 1
+    return saved[rank % len(saved)], len(saved) == size

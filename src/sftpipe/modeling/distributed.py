@@ -40,6 +40,15 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (any picklable object), in rank order, on the main process;
+        [] on the others. Collective."""
+        if self.size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.size if self.is_main else []
+        dist.gather_object(value, gathered if self.is_main else None, dst=0)
+        return gathered
+
     def any(self, flag: bool) -> bool:
         return bool(self.sum(float(flag))[0])
 

@@ -48,6 +48,7 @@ from sftpipe.config import TrainConfig
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
+from sftpipe.modeling import checkpoint as checkpoints
 from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
@@ -482,7 +483,7 @@ def resume_or_start(t: Training) -> None:
     checkpoint = t.store.latest(resume_dir) if t.store else None
     if checkpoint:
         t.start_step, t.early_stopping, t.report = restore(
-            checkpoint, t.model, t.optimizer, t.scheduler, t.scaler, t.best_file, t.world.is_main
+            checkpoint, t.model, t.optimizer, t.scheduler, t.scaler, t.best_file, t.world
         )
         for _ in range(t.start_step):
             next(t.windows)  # the data position: the order is a function of the seed
@@ -500,15 +501,16 @@ def restore(
     scheduler: Any,
     scaler: Any,
     best_file: Path,
-    main: bool = True,
+    world: World = distributed.SINGLE,
 ) -> tuple[int, EarlyStopping, TrainReport]:
     """Load a checkpoint written by `run` (with any strategy and number of processes) into the
-    model and optimizer, and its best weights into `best_file` on the main process; returns the
-    step, the early-stopping state and the report so far. Every process calls it."""
+    model and optimizer, its best weights into `best_file` on the main process, and this rank's
+    random generators; returns the step, the early-stopping state and the report so far. Every
+    process calls it."""
     weights = torch.load(folder / "model.pt", weights_only=True, mmap=True)
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
     distributed.load_state(model, weights, optimizer, trainer["optimizer"])
-    if main:
+    if world.is_main:
         if (folder / BEST_FILE).exists():
             shutil.copyfile(folder / BEST_FILE, best_file)
         else:  # the checkpoint's own weights were the best
@@ -516,7 +518,14 @@ def restore(
     del weights
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
-    torch.set_rng_state(trainer["rng"])
+    rng, exact = checkpoints.rank_rng_state(trainer["rng"], world.rank, world.size)
+    checkpoints.set_rng_state(rng)
+    if not exact and world.is_main:
+        print(
+            f"[finetune] the checkpoint was written by another number of processes: random "
+            f"draws (dropout) differ from an uninterrupted run on {world.size}",
+            flush=True,
+        )
     state = json.loads((folder / "trainer_state.json").read_text())
     return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
 
@@ -593,9 +602,11 @@ def optimizer_step(t: Training, step: int) -> StepResult:
             if last or world.size == 1 or t.fsdp
             else t.loss_module.no_sync()
         )
-        with sync, lm.autocast(t.device, t.dtype):
-            loss = t.loss_module(batch)
+        # One `with` for forward and backward: no_sync() is a one-shot context manager (entering
+        # it twice raised AttributeError with DDP and gradient accumulation).
         with sync:
+            with lm.autocast(t.device, t.dtype):
+                loss = t.loss_module(batch)
             t.scaler.scale(loss * world.size / window_loss_tokens).backward()
         loss_total += float(loss.detach())
     loss_value = world.sum(loss_total)[0] / window_loss_tokens
@@ -705,6 +716,7 @@ def save_checkpoint(t: Training, step: int) -> None:
     # Gathered by every process (FSDP), written by the main one.
     full = distributed.model_state(t.model)
     optimizer_state = distributed.optimizer_state(t.model, t.optimizer)
+    rng = t.world.gather(checkpoints.rng_state())  # every rank's own generators
 
     def write(folder: Path) -> None:
         torch.save(full, folder / "model.pt")
@@ -715,7 +727,7 @@ def save_checkpoint(t: Training, step: int) -> None:
                 "optimizer": optimizer_state,
                 "scheduler": t.scheduler.state_dict(),
                 "scaler": t.scaler.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": rng,
             },
             folder / "trainer.pt",
         )

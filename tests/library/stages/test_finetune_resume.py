@@ -1,18 +1,21 @@
 """Preemption: a training process killed with SIGKILL at a random step and started again must
-end with exactly the weights of a run that was never interrupted; SIGTERM checkpoints first."""
+end with exactly the weights of a run that was never interrupted, on one process and on two;
+SIGTERM checkpoints first."""
 
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
+from sftpipe.kfp_glue import finetune_launch
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.stages import finetune
 
@@ -48,15 +51,17 @@ def command(model, tokenized, output, uri):
     ]
 
 
-def wait_for_checkpoint(store, step, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = store.complete_steps()
-        if steps and steps[-1] >= step:
-            return steps[-1]
-        assert process.poll() is None, "training ended before it could be interrupted"
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+def start_until_checkpoint(cmd, step):
+    """Start training and read its output until it reports a published checkpoint at `step` or
+    later (the line comes after the manifest is written); returns the process and that step.
+    Synchronized on the process's own output, so a slow machine only makes it wait longer."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        reached = re.match(r"\[finetune\] checkpoint at step (\d+)", line)
+        if reached and int(reached.group(1)) >= step:
+            return process, int(reached.group(1))
+    process.wait()
+    raise AssertionError(f"training ended (code {process.returncode}) before step {step}")
 
 
 def test_sigkill_then_resume_gives_identical_weights(
@@ -67,14 +72,13 @@ def test_sigkill_then_resume_gives_identical_weights(
     uri = f"s3://{s3_env}/checkpoints/run-1"
     store = CheckpointStore(uri)
     cmd = command(tiny_model_dir, tokenized, tmp_path / "resumed", uri)
-    process = subprocess.Popen(cmd, env=os.environ.copy())
-    kill_after = 5 * random.randint(1, 8)
-    reached = wait_for_checkpoint(store, kill_after, process)
+    process, reached = start_until_checkpoint(cmd, 5 * random.randint(1, 8))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    process.stdout.close()
     assert not (tmp_path / "resumed").exists(), "a killed run must not publish a model"
 
-    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout, f"killed after checkpoint {reached}: {done.stdout[-500:]}"
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -139,3 +143,51 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert CheckpointStore(uri).complete_steps() == [2, 4]
     assert not (tmp_path / "out").exists()
     assert set(Path(tempfile.gettempdir()).glob("sftpipe-finetune-*")) == scratch
+
+
+# LoRA dropout draws from each process's own torch generator, on micro-batches of different
+# shapes, so the two ranks' streams differ by the first checkpoint.
+TWO_PROCESSES = dict(
+    max_steps=8,
+    checkpoint_every=3,
+    keep_checkpoints=5,
+    learning_rate=2e-3,
+    precision="fp32",
+    eval_every=4,
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    method="lora",
+    lora_rank=4,
+    lora_dropout=0.2,
+)
+
+
+def _train_on_two_processes(model, tokenized, output, checkpoints, capfd):
+    config = TrainConfig(**TWO_PROCESSES)
+    args = finetune_launch.entry_args(config, str(model), *tokenized, output, str(checkpoints))
+    capfd.readouterr()
+    finetune_launch.launch(2, args)
+    return capfd.readouterr().out
+
+
+def test_two_processes_resume_with_every_ranks_random_state(
+    tiny_model_dir, tokenized, tmp_path, capfd
+):
+    """2 gloo processes: an uninterrupted run checkpoints at steps 3 and 6; a second run that
+    finds only step 3 (as if killed before step 6) resumes from it and must end with the same
+    weights, which needs rank 1's own generator state, not rank 0's."""
+    straight = tmp_path / "ckpt-straight"
+    _train_on_two_processes(tiny_model_dir, tokenized, tmp_path / "straight", straight, capfd)
+    assert CheckpointStore(str(straight)).complete_steps() == [3, 6]
+
+    interrupted = tmp_path / "ckpt-interrupted"
+    shutil.copytree(straight / "step-00000003", interrupted / "step-00000003")
+    resumed = tmp_path / "resumed"
+    out = _train_on_two_processes(tiny_model_dir, tokenized, resumed, interrupted, capfd)
+    assert "at step 3" in out and "another number of processes" not in out
+
+    one = load_file(tmp_path / "straight" / "model.safetensors")
+    two = load_file(resumed / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:  # the same operations in the same order: bit for bit
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=0)
