@@ -120,7 +120,7 @@ images-cuda: ## build the CUDA image of finetune (GPU clusters)
 	$(BUILD) $(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) -t $(CUDA_IMAGE) .
 
 images-cuda-check: ## Dockerfile.cuda's Python layers on the CPU base (no NVIDIA base needed)
-	$(BUILD) $(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) \
+	$(BUILD) --torch-variant cpu $(DOCKER) build -f docker/Dockerfile.cuda $(IMAGE_BUILD_ARGS) \
 		--build-arg CUDA_IMAGE=$(or $(PYTHON_IMAGE),$(BASE_IMAGE)) \
 		--build-arg PYTHON_STAGE=python-in-base --build-arg TORCH_CUDA=none \
 		-t $(CUDA_IMAGE)-check .
@@ -172,3 +172,16 @@ BENCH_DATA_ARGS ?=
 bench-data: install ## benchmark the data stages (~20 min on 2 cores, most of it the 2 GB memory run)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python tests/bench/bench_data.py $(BENCH_DATA_ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# GPU benchmark (docs/gpu.md): `make bench-gpu-bundle` builds build/gpu-bundle here (wheels the
+# GPU machine lacks, SmolLM2's tokenizer and configs, the data; ~30 MiB); on the GPU machine,
+# `build/gpu-bundle/run.sh` (or `make bench-gpu`) runs every part in ~6 min. BENCH_GPU_ARGS:
+# e.g. --smoke (tiny shapes; a CPU dry run), --out DIR, --models, --tools, --no-checks.
+BENCH_GPU_ARGS ?=
+.PHONY: bench-gpu-bundle bench-gpu
+bench-gpu-bundle: install ## build/gpu-bundle: what bench_gpu.py needs on a GPU machine with no internet
+	$(BIN)/python tests/bench/pack_gpu_bundle.py
+
+bench-gpu: ## the GPU benchmark and CUDA checks from build/gpu-bundle (python3 with torch + CUDA)
+	build/gpu-bundle/run.sh $(BENCH_GPU_ARGS)

@@ -13,8 +13,10 @@ Usage (the docker command line after the script's own options):
   as build args or layers: the Dockerfiles mount them for their `pip install` steps only.
   Local sources (file:// indexes, find-links folders) are served read-only on 127.0.0.1 for
   the build's duration, and the build uses host networking to reach them.
-- torch: when the Dockerfile's TORCH_INDEX_URL does not answer from here and a local
-  find-links folder holds torch wheels, TORCH_INDEX_URL points at that folder instead.
+- torch: when a local find-links folder holds the very wheel the Dockerfile's torch index
+  would serve (torch-<TORCH_VERSION>+<variant>, the variant being the index's last path part,
+  e.g. cpu, or --torch-variant), TORCH_INDEX_URL points at that folder instead. Nothing is
+  asked of the index to decide.
 - The image is built as IMAGE-building-<pid> and tagged IMAGE only on success: a failed build
   never leaves a half-built image under IMAGE.
 Standard library only: it runs before any venv exists.
@@ -31,9 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -240,19 +240,14 @@ def build_pip_conf(settings: dict[str, str], sources: LocalSources) -> tuple[str
     return "\n".join(lines) + "\n", find_links
 
 
-def answers(url: str, cert: str | None) -> bool:
-    import ssl
-
-    context = ssl.create_default_context(cafile=cert) if cert else None
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url.rstrip("/") + "/torch/", method="HEAD"),
-            timeout=10,
-            context=context,
-        ) as response:
-            return response.status < 400
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+def local_torch(find_links: list[Path], version: str | None, variant: str | None) -> Path | None:
+    """The local find-links folder holding torch-<version>+<variant> wheels, if one does."""
+    if not version or not variant:
+        return None
+    for folder in find_links:
+        if any(folder.glob(f"torch-{version}+{variant}-*.whl")):
+            return folder
+    return None
 
 
 def dockerfile_arg_default(dockerfile: Path, name: str) -> str | None:
@@ -298,6 +293,11 @@ def failed_step(log_text: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, help="the build log (default: build/<image>.log)")
+    parser.add_argument(
+        "--torch-variant",
+        help="the local torch wheel to use (cpu, cu128, ...; default: the last part of the "
+        "Dockerfile's TORCH_INDEX_URL)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="docker build ... -t IMAGE CTX")
     options = parser.parse_args()
     command = list(options.command)
@@ -327,14 +327,18 @@ def main() -> int:
         extra = ["--secret", f"id=pip_conf,src={conf}", "--progress", "plain"]
         if "cert" in settings and Path(settings["cert"]).is_file():
             extra += ["--secret", f"id=pip_cert,src={settings['cert']}"]
-        explicit_torch = any(a.startswith("TORCH_INDEX_URL=") for a in args)
-        torch_default = dockerfile_arg_default(dockerfile, "TORCH_INDEX_URL")
-        wheels = [f for f in find_links if any(f.glob("torch-*.whl"))]
-        local_torch = not explicit_torch and torch_default and wheels
-        if local_torch and not answers(torch_default, settings.get("cert")):
-            index = sources.folders.index(wheels[0].resolve())
+        explicit = {a.split("=", 1)[0] for a in args if "=" in a}
+        index_default = dockerfile_arg_default(dockerfile, "TORCH_INDEX_URL") or ""
+        version = next(
+            (a.split("=", 1)[1] for a in args if a.startswith("TORCH_VERSION=")),
+            dockerfile_arg_default(dockerfile, "TORCH_VERSION"),
+        )
+        variant = options.torch_variant or index_default.rstrip("/").rsplit("/", 1)[-1]
+        folder = local_torch(find_links, version, variant)
+        if "TORCH_INDEX_URL" not in explicit and folder is not None:
+            index = sources.folders.index(folder.resolve())
             extra += ["--build-arg", f"TORCH_INDEX_URL={sources.url(f'links{index}/')}"]
-            say(f"{torch_default} does not answer: torch from the local wheels in {wheels[0]}")
+            say(f"torch {version}+{variant} from this machine's pip find-links {folder}")
         if sources.folders:
             extra += ["--network", "host"]  # the local sources listen on 127.0.0.1
         full = [client, "build", *extra, *args]
