@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from sftpipe import storage
+from sftpipe import storage, tasks
 from sftpipe.config import TokenizeConfig
 from sftpipe.data import chat_templates, packing, parallel, readers, records
 from sftpipe.data.byte_level import ByteLevelEncoder
@@ -363,18 +363,18 @@ def run(
     first = next(_heads(cleaned_path), None)
     if first is None:
         raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
-    task = "classification" if first[1] is not None else "chat"
+    task = tasks.of_cleaned(first[1])
     model_dir = models.fetch(base_model, weights=False)
     # An encoder for classification has no chat template, and needs none.
-    tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=task == "chat")
-    report = TokenizeReport(chat_template=tokenizer.chat_template or "", task=task)
+    tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=task.chat_template)
+    report = TokenizeReport(chat_template=tokenizer.chat_template or "", task=task.name)
     sample_html = ""
     with (
         storage.atomic_file(train_path, "wb") as train_handle,
         storage.atomic_file(validation_path, "wb") as validation_handle,
         storage.atomic_file(quarantine_path) as bad,
     ):
-        if report.task == "chat":
+        if task.chat_template:  # conversations, rendered with the template (else texts)
             sample_html = _run_chat(
                 config,
                 tokenizer,
