@@ -176,7 +176,7 @@ def data_digest(params: dict[str, Any]) -> str:
     config = DataConfig.from_values(params)
     sources = list_sources(config.data_uri, config.file_format)
     digest = fingerprint(sources)
-    print(f"[clean] {len(sources)} input file(s) of {config.data_uri}: digest {digest}", flush=True)
+    print(f"[clean] input digest {digest[:12]} ({len(sources)} files)", flush=True)
     return digest
 
 
