@@ -284,6 +284,7 @@ def tokenize(
         label_map=data.label_map,
         num_workers=data.num_workers,
     )
+    task = tasks.by_name(result.task)
     shared: dict[str, Any] = {"task": result.task}
     if result.label_map:
         shared["label_map"] = json.dumps(result.label_map, ensure_ascii=False)
@@ -292,7 +293,7 @@ def tokenize(
     train.metadata.update(
         rows=result.train_rows,
         file_rows=result.train_file_rows,
-        packed=bool(config.packing and result.task == "chat"),
+        packed=bool(config.packing and task.token_labels),
         digest=storage.sha256_file(train.path),
         clean={k: v for k, v in cleaned.metadata.items() if k in ("config", "metrics")}
         | {k: v for k, v in cleaned.metadata.items() if k.startswith("sftpipe.")},
@@ -313,10 +314,10 @@ def tokenize(
         _log_bytes(tracker, "reports/tokenize.html", Path(report_path).read_bytes())
     packed = (
         f", packed into {result.train_file_rows} rows ({result.packing_efficiency:.1%} full)"
-        if config.packing and result.task == "chat"
+        if config.packing and task.token_labels
         else ""
     )
-    trained = f" ({result.loss_tokens} trained)" if result.task == "chat" else ""
+    trained = f" ({result.loss_tokens} trained)" if task.token_labels else ""
     print(
         f"[tokenize] {result.train_rows} train / {result.validation_rows} validation rows "
         f"({result.task}){packed}, {result.tokens} tokens{trained}, "

@@ -131,7 +131,7 @@ class TokenizeReport:
         skip = {"task", "label_map", "token_hist", "chat_template"}
         out = {k: float(v) for k, v in vars(self).items() if k not in skip}
         out["unknown_token_fraction"] = self.unknown_token_fraction
-        if self.task != "chat":
+        if not tasks.by_name(self.task).token_labels:
             for key in ("loss_tokens", "quarantined_no_loss_tokens", "template_errors"):
                 out.pop(key)
             out.pop("packing_efficiency")

@@ -34,6 +34,7 @@ class Task(Protocol):
     name: str  # "chat", "classification": tags, metadata and the metrics table use it
     default_gate: gate.TaskGate  # the gate when gate_metric / gate_guards are empty
     chat_template: bool  # its tokenizer must render conversations (chat template)
+    token_labels: bool  # its rows carry per-token labels (loss tokens; train rows can be packed)
     can_chat: bool  # `sftpipe chat` can talk to its models
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:

@@ -131,6 +131,7 @@ class ChatTask:
     # catches models that stopped ending their turns (template or label-mask bugs).
     default_gate = gate.TaskGate(primary="validation_loss", guards="eos_rate:0.05")
     chat_template = True
+    token_labels = True
     can_chat = True
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:

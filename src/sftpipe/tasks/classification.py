@@ -129,6 +129,7 @@ class ClassificationTask:
     # a model that wins on average by giving up one class (the worst class may lose 5 points).
     default_gate = gate.TaskGate(primary="macro_f1", guards="min_class_recall:0.05")
     chat_template = False  # an encoder has no chat template, and needs none
+    token_labels = False  # one label per row
     can_chat = False
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:
