@@ -55,7 +55,7 @@ class RunLog(io.TextIOBase):
         super().__init__()
         self.path = path
         self.console = console
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8", errors="replace")
         self._pending = ""
         self._lock = threading.RLock()
         self.started: dict[str, float] = {}
@@ -68,6 +68,14 @@ class RunLog(io.TextIOBase):
     # --- the stream interface (print, logging.StreamHandler, warnings) ---
     def writable(self) -> bool:
         return True
+
+    @property
+    def encoding(self) -> str:  # some libraries read it off sys.stdout
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return "replace"
 
     def write(self, text: str) -> int:
         with self._lock:
