@@ -193,3 +193,46 @@ def test_mlflow_models_serve_answers_chat_requests(
     (choice,) = reply["choices"]
     assert choice["message"]["role"] == "assistant"
     assert isinstance(choice["message"]["content"], str)
+
+
+def test_champion_lock_waits_breaks_expired_leases_and_notices_a_lost_one(mlflow_env, monkeypatch):
+    """The lease of registry.ChampionLock on the MLflow server: a live lock is waited for (and
+    given up on in one line), an expired one is broken, a holder that lost it is told."""
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = f"locked-{uuid.uuid4().hex[:8]}"
+    lock_name = f"{name}.sftpipe-champion-lock"
+    monkeypatch.setenv(registry.POLL_ENV, "0.05")
+    monkeypatch.setenv(registry.WAIT_ENV, "0.3")
+
+    def held_by(owner, expires):
+        client.create_registered_model(
+            lock_name,
+            tags={
+                registry.LOCK_TAG: "champion",
+                registry.LOCK_OWNER_TAG: owner,
+                registry.LOCK_EXPIRES_TAG: str(expires),
+            },
+        )
+
+    held_by("run-1 v1", time.time() + 3600)
+    with pytest.raises(SftpipeError, match="waited 0.3 s for 'run-1 v1' to decide the champion"):
+        registry.ChampionLock(client, name, "run-2 v2").acquire()
+
+    client.delete_registered_model(lock_name)
+    held_by("crashed v1", time.time() - 1)  # its holder died: the lease ran out
+    with registry.ChampionLock(client, name, "run-3 v3") as lock:
+        assert lock.holder().owner == "run-3 v3"
+        lock.check()
+        # `sftpipe models` does not list the lock.
+        assert name not in {r["model"] for r in registry.version_rows(client)}
+        client.set_registered_model_tag(lock_name, registry.LOCK_OWNER_TAG, "thief v4")
+        with pytest.raises(SftpipeError, match="lost the champion lock to thief v4"):
+            lock.check()
+    # Not ours any more: released without deleting the thief's lock.
+    assert lock.holder().owner == "thief v4"
+    client.delete_registered_model(lock_name)
+    assert lock.holder() is None
