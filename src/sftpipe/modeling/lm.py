@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -256,29 +255,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_matmul_flops(
-    device: torch.device, dtype: torch.dtype | None, seconds: float = 0.3
-) -> float:
-    """Measured dense matmul FLOP/s in the training precision on this device: the denominator
-    of MFU (model FLOPs utilization). Measured, not looked up, so it holds for any CPU or GPU."""
-    size = 2048 if device.type == "cuda" else 512
-    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
-    b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """The denominator of MFU in FLOP/s: the datasheet dense peak of a known GPU, else measured
+    (see `sftpipe.modeling.peak_flops`, which also says which one)."""
+    from sftpipe.modeling.peak_flops import peak
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    torch.matmul(a, b)  # warm-up: kernels, thread pool
-    sync()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        calls += 1
-        if calls % 8 == 0:
-            sync()
-    sync()
-    return 2 * size**3 * calls / (time.perf_counter() - start)
+    return peak(device, dtype).flops
 
 
 def default_device() -> torch.device:

@@ -52,6 +52,7 @@ from sftpipe.modeling import checkpoint as checkpoints
 from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
+from sftpipe.modeling.peak_flops import Peak, peak
 from sftpipe.progress import Progress, format_duration
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
@@ -195,7 +196,7 @@ class Training:
     steps_per_epoch: int
     total_steps: int
     flops_per_token: float
-    peak_flops: float
+    peak: Peak  # the denominator of MFU, and where it comes from
     report: TrainReport
     tracker: Any  # on the main process only
     log: Callable[..., None]
@@ -265,9 +266,10 @@ def setup(
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     optimizer, scheduler = build_optimizer(config, model, fsdp, total_steps)
     # MFU: ~6 FLOPs per parameter per token for a full fine-tune (forward 2, backward 4); ~4
-    # with frozen base weights (no weight gradients), against this device's measured peak.
+    # with frozen base weights (no weight gradients), against the device's datasheet peak
+    # (known GPUs) or its measured one.
     flops_per_token = (6 if config.method == "full" else 4) * lm.matmul_parameters(model)
-    peak_flops = lm.peak_matmul_flops(device, dtype)
+    peak_flops = peak(device, dtype)
     task: Any = lm if data.labels is None else classify
     report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
     training = Training(
@@ -292,7 +294,7 @@ def setup(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         flops_per_token=flops_per_token,
-        peak_flops=peak_flops,
+        peak=peak_flops,
         report=report,
         tracker=tracker if world.is_main else None,
         log=print if world.is_main else _quiet,
@@ -465,13 +467,15 @@ def log_setup(t: Training) -> None:
                 "train.total_steps": t.total_steps,
                 "train.train_rows": len(t.data.train_rows),
                 "train.parameters": sum(p.numel() for p in t.model.parameters()),
-                "train.peak_matmul_tflops": round(t.peak_flops / 1e12, 3),
+                "train.peak_matmul_tflops": round(t.peak.flops / 1e12, 3),
+                "train.peak_flops_source": t.peak.source,
             }
         )
     t.log(
         f"[finetune] {t.total_steps} steps ({t.steps_per_epoch}/epoch) on "
         f"{t.world.size}x{t.device.type}, autocast {t.report.precision}, "
-        f"{len(t.data.train_rows)} train / {len(t.data.validation_rows)} validation rows",
+        f"{len(t.data.train_rows)} train / {len(t.data.validation_rows)} validation rows; "
+        f"MFU against {t.peak.describe()}",
         flush=True,
     )
 
@@ -643,7 +647,7 @@ def log_step(
         "learning_rate": t.scheduler.get_last_lr()[0],
         "grad_norm": result.grad_norm,
         "tokens_per_second": tokens_per_second,
-        "mfu": t.flops_per_token * tokens_per_second / t.peak_flops,
+        "mfu": t.flops_per_token * tokens_per_second / t.peak.flops,
     }
     t.report.history.append({"step": step} | metrics)
     if t.tracker:
@@ -749,7 +753,7 @@ def finish_report(t: Training, progress: Progress) -> None:
     report.best_validation_loss = t.early_stopping.best
     report.best_step = t.early_stopping.best_step
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
-    report.mfu = t.flops_per_token * report.tokens_per_second / t.peak_flops
+    report.mfu = t.flops_per_token * report.tokens_per_second / t.peak.flops
     report.epochs = report.steps * t.window / len(t.data.train_rows)
     t.log(
         f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
