@@ -79,7 +79,7 @@ def _clean_in_shards(
     plan.set_display_name("clean: plan shards").set_caching_options(True)
     on_cluster(plan, "clean")
     with dsl.ParallelFor(plan.outputs["shards"], parallelism=cluster.clean_shards) as shard:
-        part = clean_shard(shard=shard, data_config=plan.outputs["data_config"])
+        part = clean_shard(shard=shard, data_config=plan.outputs["data_config"], data_digest=digest)
         part.set_display_name("clean: shard").set_caching_options(True)
         on_cluster(part, "clean")
     return clean_merge(

@@ -40,8 +40,9 @@ def clean_plan(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def clean_shard(shard: str, data_config: str, part: Output[Dataset]):
-    """Clean one shard: normalized rows, dedupe keys and signatures, its quarantine."""
+def clean_shard(shard: str, data_config: str, data_digest: str, part: Output[Dataset]):
+    """Clean one shard: normalized rows, dedupe keys and signatures, its quarantine. The input
+    data's digest keys its cache: new data in the same files is cleaned again."""
     inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.kfp_glue.steps import run_step
 

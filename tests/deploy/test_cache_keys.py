@@ -36,6 +36,18 @@ def test_the_digest_task_is_never_cached_and_keys_clean(spec):
     source = tasks[consumer]["inputs"]["parameters"]["data_digest"]["taskOutputParameter"]
     assert source == {"producerTask": "data-digest", "outputParameterKey": "Output"}
     assert tasks[consumer]["cachingOptions"] == {"enableCache": True}
+    if consumer == "clean-plan":  # the shards run in a ParallelFor sub-DAG: keyed on it too
+        dags = [c["dag"] for c in spec["components"].values() if "dag" in c]
+        (shard,) = [d["tasks"]["clean-shard"] for d in dags if "clean-shard" in d["tasks"]]
+        assert shard["cachingOptions"] == {"enableCache": True}
+        channel = shard["inputs"]["parameters"]["data_digest"]["componentInputParameter"]
+        outer = [t for t in tasks.values() if "parameters" in t.get("inputs", {})]
+        fed = [
+            t["inputs"]["parameters"][channel]
+            for t in outer
+            if channel in t["inputs"]["parameters"]
+        ]
+        assert fed == [{"taskOutputParameter": source}]
     tokenize = tasks["tokenize"]
     assert tokenize["cachingOptions"] == {"enableCache": True}
     produced_by = tokenize["inputs"]["artifacts"]["cleaned"]["taskOutputArtifact"]["producerTask"]
