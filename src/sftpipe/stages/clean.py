@@ -44,13 +44,8 @@ import numpy as np
 from sftpipe import storage
 from sftpipe.config import DataConfig
 from sftpipe.data import dedupe, langid, parallel, pii
-from sftpipe.data.readers import (
-    PREVIEW_MARGIN,
-    RAW_PREVIEW,
-    RawRecord,
-    parse_json,
-    read_records,
-)
+from sftpipe.data.raw_records import PREVIEW_MARGIN, RAW_PREVIEW, RawRecord
+from sftpipe.data.readers import parse_json, read_records
 from sftpipe.data.records import (
     RecordOptions,
     parse_columns,

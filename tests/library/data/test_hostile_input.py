@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftpipe.config import DataConfig
-from sftpipe.data import readers
+from sftpipe.data import raw_records, streams
 from sftpipe.errors import SftpipeError
 from sftpipe.stages import clean
 from sftpipe.stages.clean import read_jsonl
@@ -38,7 +38,7 @@ GOOD_ENDINGS = {KEPT, "duplicate", "near_duplicate"}
 
 @pytest.fixture(autouse=True)
 def small_limits(monkeypatch):
-    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", LIMIT)
+    monkeypatch.setattr(raw_records, "MAX_RECORD_BYTES", LIMIT)
 
 
 def chat(text: str) -> dict:
@@ -324,8 +324,8 @@ def kinds_run(tmp_path_factory):
     (folder / "in").mkdir()
     expected: dict[str, str] = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(readers, "MAX_RECORD_BYTES", LIMIT)
-        patch.setattr(readers, "_GZIP_RATIO_GRACE", 1 << 20)
+        patch.setattr(raw_records, "MAX_RECORD_BYTES", LIMIT)
+        patch.setattr(streams, "_GZIP_RATIO_GRACE", 1 << 20)
         for file, build in KINDS.values():
             data, ends = build()
             (folder / "in" / file).write_bytes(data)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftpipe.data import readers
+from sftpipe.data import raw_records, readers, streams
 from sftpipe.data.readers import read_records
 from sftpipe.data.schemas import Rejected
 from sftpipe.data.sources import Source
@@ -57,7 +57,7 @@ def test_a_10_mb_line_is_read_and_a_larger_than_limit_line_is_skipped(tmp_path, 
     path.write_text(f'{big}\n{{"n": 2}}\n', encoding="utf-8")
     got = parsed(path)
     assert len(got[0][1]["text"]) == 10 << 20 and got[1] == ("big.jsonl:2", {"n": 2})
-    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 1 << 20)
+    monkeypatch.setattr(raw_records, "MAX_RECORD_BYTES", 1 << 20)
     got = parsed(path)
     assert got[0][:2] == ("big.jsonl:1", "record_too_large") and got[1] == ("big.jsonl:2", {"n": 2})
 
@@ -140,7 +140,7 @@ class CountingStream(io.RawIOBase):
 
 def test_reading_streams_without_materializing_the_file(monkeypatch):
     stream = CountingStream()
-    monkeypatch.setattr(readers.storage, "open_binary", lambda uri: stream)
+    monkeypatch.setattr(streams.storage, "open_binary", lambda uri: stream)
     reader = read_records(Source("endless.jsonl", "endless.jsonl"))
     for _ in range(100_000):  # ~7 MB of records from a stream that never ends
         next(reader)
