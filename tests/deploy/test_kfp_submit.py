@@ -428,3 +428,13 @@ def test_caching_as_compiled_or_off_with_no_cache(stub):
     uncached = _caching(stub.calls("POST", "/runs")[-1].body["pipeline_spec"]["pipeline_spec"])
     assert set(uncached) == set(cached) and len(cached) >= 9
     assert all(not options for options in uncached.values()), uncached
+
+
+def test_a_bad_kubeconfig_is_one_line(package, tmp_path, monkeypatch, capsys):
+    """kfp.Client alone would print "Failed to load kube config." and go on to localhost."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    args = ["submit", "--kube-context", "nowhere", "--package", str(package)]
+    assert cli.main(args) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("sftpipe: error: kube context nowhere: cannot load the kubeconfig (")
+    assert "kubectl config get-contexts" in err

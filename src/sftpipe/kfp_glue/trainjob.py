@@ -16,6 +16,9 @@ The nodes share no disk with the pipeline, so the data, the checkpoints and the 
 through the object store: the pipeline root and `checkpoint_uri` must be s3:// (minio://, KFP's
 name for its own store, is read as s3://). The step's service account needs RBAC to create,
 get and delete trainjobs and to read pods and their logs.
+The job does not outlive its run: a cancelled run (SIGTERM to the step's pod), a failed job or
+a wait past the timeout deletes it (docs/kubernetes.md). Its nodes run as the images' non-root
+user on a read-only root file system.
 Not supported: other runtimes, initializers, elastic training.
 """
 
