@@ -138,14 +138,18 @@ def share_with_group(workdir: Path) -> None:
 
 
 def make_runner(
-    workdir: Path, pipeline_root: Path, values: dict[str, Any], announce: Any = print
+    workdir: Path,
+    pipeline_root: Path,
+    values: dict[str, Any],
+    cache: Path,
+    announce: Any = print,
 ) -> tuple[Any, str]:
     """A kfp.local.DockerRunner for this run, and where its steps run (for error lines).
-    Checks the engine and the image first."""
+    Checks the engine and the image first. `cache` is `sftpipe run`'s cache folder (passed
+    in: apps.local imports this module)."""
     from docker.types import Mount
     from kfp import local
 
-    from sftpipe.apps.local import cache_dir
     from sftpipe.components.images import CPU_IMAGE
 
     client = engine()
@@ -163,7 +167,7 @@ def make_runner(
     pipeline_root.mkdir(parents=True, exist_ok=True)
     share_with_group(workdir)
     inputs = [p for p in local_folders(values) if workdir not in p.parents and p != workdir]
-    make_readable(inputs, cache_dir().resolve())
+    make_readable(inputs, cache.resolve())
     mounts = [Mount(str(workdir), str(workdir), type="bind")]
     mounts += [Mount(str(p), str(p), type="bind", read_only=True) for p in inputs]
     announce(f"[sftpipe] docker runner: steps run in {CPU_IMAGE} ({cpu_id[7:19]}), host network")

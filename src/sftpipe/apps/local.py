@@ -149,7 +149,9 @@ def _run_pipeline(
     if runner == "docker":  # after the variables above: the containers get a copy of them
         from sftpipe.apps.docker_runner import make_runner
 
-        kfp_runner, where = make_runner(workdir, pipeline_root, config.flat(), run_log.show)
+        kfp_runner, where = make_runner(
+            workdir, pipeline_root, config.flat(), cache_dir(), run_log.show
+        )
     else:
         # The local runner warns, for every step, that the image and the resource requests
         # (which matter on a cluster) are ignored here: nothing to act on, so the log keeps it.
