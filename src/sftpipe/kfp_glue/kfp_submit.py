@@ -154,6 +154,10 @@ def connect(
     options: dict[str, Any] = {"namespace": kfp_namespace}
     if insecure:
         options["verify_ssl"] = False
+        import urllib3
+
+        # Asked for: not one InsecureRequestWarning per poll of --wait.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     if ca_cert:
         options["ssl_ca_cert"] = ca_cert
     if kube_context is not None:
