@@ -438,3 +438,119 @@ def test_a_bad_kubeconfig_is_one_line(package, tmp_path, monkeypatch, capsys):
     err = one_line_error(capsys)
     assert err.startswith("sftpipe: error: kube context nowhere: cannot load the kubeconfig (")
     assert "kubectl config get-contexts" in err
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed (as kind's
+    kubeconfig holds one), written as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(name, key, issuer=None, issuer_key=None, ca=False, server=False):
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer.subject if issuer else subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if server:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+            builder = builder.add_extension(san, critical=False).add_extension(usage, False)
+        elif not ca:
+            usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+            builder = builder.add_extension(usage, critical=False)
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    paths = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("stub-ca", ca_key, ca=True)
+    for name, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(f"stub-{name}", key, ca, ca_key, server=server)
+        paths[f"{name}.crt"] = folder / f"{name}.crt"
+        paths[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}.key"] = folder / f"{name}.key"
+        paths[f"{name}.key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    paths["ca.crt"] = folder / "ca.crt"
+    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_kube_context_with_a_client_certificate_goes_through_the_proxy(
+    package, tmp_path, monkeypatch
+):
+    """kind's kubeconfig authenticates with a client certificate: kfp.Client loads the context
+    itself and reaches the KFP API through the API server's service proxy, over TLS that the
+    stub verifies both ways (it refuses a connection without the client certificate)."""
+    import base64
+    import ssl
+
+    certs = _certificates(tmp_path)
+    state = StubKfp()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server.crt"], certs["server.key"])
+    context.load_verify_locations(certs["ca.crt"])
+    context.verify_mode = ssl.CERT_REQUIRED
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    state.url = f"https://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def data(name: str) -> str:
+        return base64.b64encode(certs[name].read_bytes()).decode()
+
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kind",
+                "cluster": {"server": state.url, "certificate-authority-data": data("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": "kind-user",
+                "user": {
+                    "client-certificate-data": data("client.crt"),
+                    "client-key-data": data("client.key"),
+                },
+            }
+        ],
+        "contexts": [{"name": "kind-stub", "context": {"cluster": "kind", "user": "kind-user"}}],
+        "current-context": "kind-stub",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    try:
+        assert cli.main(["submit", "--kube-context", "kind-stub", "--package", str(package)]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(r.method, r.path.removeprefix(PROXY)) for r in state.requests] == [
+        ("GET", f"{API}/healthz"),
+        ("GET", f"{API}/experiments"),
+        ("POST", f"{API}/experiments"),
+        ("POST", f"{API}/runs"),
+    ]
+    assert all(r.path.startswith(PROXY + API) for r in state.requests)

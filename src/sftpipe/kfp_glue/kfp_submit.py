@@ -21,6 +21,9 @@ Where kfp.Client's own behaviour does not fit a command-line tool, and what is d
 - It prints experiment and run links on stdout: kept off the console; `sftpipe submit` prints
   its own lines.
 - The kubernetes package reads $KUBECONFIG once, at import; it is read again here.
+- With a kubeconfig context, its service-proxy URL ended in "/" before the API paths' own "/"
+  (".../proxy//apis/..."); with a bearer-token context the token refresh dropped the proxy path
+  altogether (`connect`). Both are fixed here.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ def _client_class() -> type:
     import kfp
 
     class _Client(kfp.Client):  # type: ignore[misc]
+        def _load_config(self, *args: Any, **kwargs: Any) -> Any:
+            # kfp.Client's service-proxy URL ends in "/" and every API path starts with one:
+            # it requested ".../proxy//apis/v2beta1/healthz" (measured against the stub, which
+            # answers 404 as a router that does not clean paths would).
+            config = super()._load_config(*args, **kwargs)
+            config.host = config.host.rstrip("/")
+            return config
+
         def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
             api = self._healthz_api
             answer = api.healthz_service_get_healthz(_request_timeout=_timeouts())
