@@ -159,3 +159,22 @@ def test_column_mapping_parsing():
             parse_columns(bad)
     with pytest.raises(SftpipeError, match="columns="):
         DataConfig.from_values({"columns": "msgs=dialog"})
+
+
+def test_hub_fingerprint_offline_never_repeats(monkeypatch):
+    """KFP's cache key of a Hub dataset is its revision; offline it cannot be known, and two
+    runs then get different keys (clean runs again) instead of a stale cache hit."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    sources = list_sources("hf://someorg/some-chats:train")
+    assert fingerprint(sources) != fingerprint(sources)
+
+
+def test_saved_dataset_fingerprint_follows_its_files(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "a"))
+    sources = list_sources(str(tmp_path / "a"))
+    before = fingerprint(sources)
+    assert fingerprint(sources) == before
+    datasets.Dataset.from_list(ROWS[:2]).save_to_disk(str(tmp_path / "a"))
+    assert fingerprint(sources) != before
