@@ -54,6 +54,7 @@ from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
 from sftpipe.modeling.peak_flops import Peak, peak
 from sftpipe.progress import Progress, format_duration
+from sftpipe.tracking.runs import BufferedTracker
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
 BEST_FILE = "best.pt"  # the best weights so far (scratch space and checkpoints)
@@ -198,7 +199,7 @@ class Training:
     flops_per_token: float
     peak: Peak  # the denominator of MFU, and where it comes from
     report: TrainReport
-    tracker: Any  # on the main process only
+    tracker: BufferedTracker | None  # on the main process only
     log: Callable[..., None]
     store: CheckpointStore | None
     checkpoint_uri: str
@@ -233,9 +234,13 @@ def run(
     training = setup(config, base_model, train_path, validation_path, tracker, checkpoint_uri)
     # The best weights so far live in a scratch file: removed at the end, and also when the run
     # fails, so a model-sized file never piles up in /tmp with every NaN or SIGTERM.
-    with training.scratch:
-        train(training)
-        export(training, output_dir)
+    try:
+        with training.scratch:
+            train(training)
+            export(training, output_dir)
+    finally:
+        if training.tracker:  # what an MLflow outage held back is sent now (bounded wait)
+            training.tracker.close()
     return training.report
 
 
@@ -296,7 +301,9 @@ def setup(
         flops_per_token=flops_per_token,
         peak=peak_flops,
         report=report,
-        tracker=tracker if world.is_main else None,
+        # MLflow is kept off the critical path: calls are queued and sent by a thread that
+        # rides out outages, so training never fails or stalls on its tracking server.
+        tracker=BufferedTracker(tracker) if tracker and world.is_main else None,
         log=print if world.is_main else _quiet,
         store=CheckpointStore(checkpoint_uri, config.keep_checkpoints) if checkpoint_uri else None,
         checkpoint_uri=checkpoint_uri,

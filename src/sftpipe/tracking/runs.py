@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +40,12 @@ class Tracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None = None, timestamp_ms: int | None = None
+    ) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
@@ -73,6 +78,113 @@ class Tracker:
 
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=True):
             yield
+
+
+class BufferedTracker:
+    """A Tracker for a training loop that MLflow cannot stop: `log_params` and `log_metrics`
+    queue the call and return; a background thread sends the calls in order. When MLflow fails
+    (down, restarting, timing out after its own HTTP retries), the thread keeps every call,
+    prints one warning line and retries with backoff until MLflow answers, so a GPU job never
+    dies or stalls on its tracking server. `close` waits (bounded) for the queue to drain."""
+
+    def __init__(self, tracker: Tracker, retry_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+        self.tracker, self.run_id = tracker, getattr(tracker, "run_id", "")
+        self.retry_s, self.retry_max_s = retry_s, retry_max_s
+        self._pending: deque[Callable[[], None]] = deque()
+        self._changed = threading.Condition()
+        self._retry_now = threading.Event()
+        self._closing = False
+        self._failures = 0  # failed attempts of the current outage
+        self._thread = threading.Thread(target=self._send_all, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put(partial(self.tracker.log_params, dict(params)))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        # Stamped now: metrics sent after an outage keep the time they were measured at.
+        now = int(time.time() * 1000)
+        self._put(partial(self.tracker.log_metrics, dict(metrics), step, now))
+
+    def _put(self, call: Callable[[], None]) -> None:
+        with self._changed:
+            self._pending.append(call)
+            self._changed.notify_all()
+
+    def _send_all(self) -> None:
+        delay = self.retry_s
+        while True:
+            with self._changed:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                call = self._pending[0]
+            try:
+                call()
+            except Exception as exc:  # MlflowException, requests and OS errors alike
+                if _refused(exc):  # retrying cannot help: drop the call, say so, go on
+                    print(f"[mlflow] WARNING: MLflow refused a call ({exc}); skipped", flush=True)
+                    with self._changed:
+                        self._pending.popleft()
+                        self._changed.notify_all()
+                    continue
+                self._failed(exc)
+                if self._retry_now.wait(delay):
+                    self._retry_now.clear()
+                delay = min(2 * delay, self.retry_max_s)
+                continue
+            delay = self.retry_s
+            with self._changed:
+                self._pending.popleft()
+                self._changed.notify_all()
+                waiting = len(self._pending)
+            if self._failures:
+                print(
+                    f"[mlflow] reachable again after {self._failures} failed attempts; "
+                    f"sending the {waiting + 1} buffered calls",
+                    flush=True,
+                )
+                self._failures = 0
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._failures:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(
+                f"[mlflow] WARNING: logging to run {self.run_id} failed ({reason[:200]}); "
+                "training goes on, metrics are kept and sent when MLflow answers",
+                flush=True,
+            )
+        self._failures += 1
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Send what is queued, waiting up to `timeout_s`; returns how many calls were not
+        sent (0: all arrived)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._retry_now.set()  # one immediate retry instead of the rest of a backoff
+        with self._changed:
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            unsent = len(self._pending)
+        if unsent:
+            print(
+                f"[mlflow] WARNING: {unsent} tracking calls to run {self.run_id} were not sent "
+                f"(MLflow unreachable for {timeout_s:.0f} s at the end); the training history "
+                "is in the model's sftpipe_training.json",
+                flush=True,
+            )
+        return unsent
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether MLflow answered and rejected the request (HTTP 4xx other than 429), as opposed
+    to not answering (connection refused, timeouts, 5xx), which is worth retrying."""
+    status = getattr(exc, "get_http_status_code", None)
+    code = status() if callable(status) else 500
+    return 400 <= code < 500 and code != 429
 
 
 def open_run(experiment: str, pipeline_run_id: str, run_name: str = "") -> Tracker:
