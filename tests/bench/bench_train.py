@@ -1,7 +1,9 @@
 """`make bench-train`: sftpipe's finetune against the trainers a user would otherwise pick.
 
 One run, same machine, same data, max_length, batch, learning rate and threads, every tool in
-its fastest precision here (bf16 autocast where the CPU has AVX512_BF16):
+its fastest precision here (bf16 autocast on CUDA, or where the CPU has AVX512_BF16). On a
+machine with a GPU every tool trains on it (CUDA is used when visible); the 2048-token GPU
+benchmark with its own bundle is bench_gpu.py (docs/gpu.md):
 
 - sftpipe finetune (this repo's training loop on the tokenize stage's output),
 - HF Trainer with the stock causal-LM collator (DataCollatorForLanguageModeling),
@@ -12,7 +14,8 @@ SmolLM2-135M-Instruct. Data: chatterbot-corpus exchanges combined into multi-tur
 conversations whose length follows a skewed (geometric) distribution.
 
 Each tool runs in its own process (peak RSS is per process) and reports: non-pad tokens/s,
-loss-bearing tokens/s, peak RSS, final training loss, MFU against the measured matmul peak,
+loss-bearing tokens/s, peak memory (RSS on CPU; max_memory_allocated on CUDA), final
+training loss, MFU against the measured matmul peak,
 and whether end-of-turn tokens carry a loss. Results: a table on stdout and build/bench-train.md.
 
     python tests/bench/bench_train.py [--models tiny,smollm2] [--steps 30] [--tools ...]
@@ -118,6 +121,20 @@ def prepare(model_dir: Path, conversations: list[dict[str, Any]], tag: str) -> d
 
 
 # --- one tool, in its own process -----------------------------------------------------------
+def cuda_used() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA kernels (no-op on CPU), so a wall-clock time covers them."""
+    if cuda_used():
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -204,9 +221,12 @@ def run_hf(tool: str, model_dir: Path, data: dict[str, Path], steps: int) -> dic
             timing.setdefault("start", time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == state.max_steps:
+                synchronize()  # the last step's kernels are part of the run
             timing["end"] = time.perf_counter()
 
-    bf16 = lm.cpu_supports_bf16()
+    cuda = torch.cuda.is_available()
+    bf16 = cuda or lm.cpu_supports_bf16()
     common = dict(
         output_dir=str(BUILD / f"out-{tool}"),
         max_steps=steps,
@@ -216,7 +236,7 @@ def run_hf(tool: str, model_dir: Path, data: dict[str, Path], steps: int) -> dic
         logging_steps=1,
         seed=SEED,
         bf16=bf16,
-        use_cpu=True,
+        use_cpu=not cuda,
         report_to=[],
         save_strategy="no",
         dataloader_num_workers=0,
@@ -282,11 +302,13 @@ def child(args: argparse.Namespace) -> None:
             AutoConfig.from_pretrained(model_dir)
         ).parameters()
     )
-    dtype = lm.autocast_dtype("auto", torch.device("cpu"))
+    device = lm.default_device()
+    dtype = lm.autocast_dtype("auto", device)
     result |= {
         "params": params,
-        "peak_flops": lm.peak_matmul_flops(torch.device("cpu"), dtype),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_flops": lm.peak_matmul_flops(device, dtype),
+        # On a GPU the memory that matters is the GPU's: what the allocator held at its peak.
+        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda_used() else peak_rss_mb(),
     }
     Path(args.out).write_text(json.dumps(result))
 
@@ -316,7 +338,7 @@ def main() -> None:
     conversations = skewed_conversations(args.conversations)
     lines = [
         "| model | tool | non-pad tok/s | loss tok/s | vs HF Trainer | vs TRL packing | "
-        "peak RSS MB | final loss | MFU | end-of-turn trained |",
+        "peak MB | final loss | MFU | end-of-turn trained |",
         "|" + "---|" * 10,
     ]
     for model_name in args.models.split(","):
@@ -356,7 +378,7 @@ def main() -> None:
 
             lines.append(
                 f"| {model_name} | {tool} | {rate:.0f} | {r['loss_tokens'] / r['seconds']:.0f} | "
-                f"{ratio('hf_trainer')} | {ratio('trl_packing')} | {r['peak_rss_mb']:.0f} | "
+                f"{ratio('hf_trainer')} | {ratio('trl_packing')} | {r['peak_mb']:.0f} | "
                 f"{r['final_loss']:.3f} | {mfu:.1%} | {'yes' if r['eot_trained'] else 'NO'} |"
             )
     table = "\n".join(lines)
