@@ -23,14 +23,15 @@ class SftpipeError(Exception):
         super().__init__(" ".join(message.split()))
 
 
-# What to do about an OSError, by its code (the rest say what happened and where only).
+# What to do about an OSError, by its code (the rest say what happened and where only); the
+# second text for an error that names no path (a write to an open file: disk full).
 _OS_FIXES = {
-    errno.ENOSPC: "free space on that disk",
-    errno.EDQUOT: "free space or raise the quota",
-    errno.EACCES: "check the permissions of that path",
-    errno.EPERM: "check the permissions of that path",
-    errno.EROFS: "that file system is read-only: write somewhere else",
-    errno.ENOENT: "check the path",
+    errno.ENOSPC: ("free space on that disk", "free space where the step writes (outputs, TMPDIR)"),
+    errno.EDQUOT: ("free space or raise the quota", "free space or raise the quota"),
+    errno.EACCES: ("check the permissions of that path", "check the permissions"),
+    errno.EPERM: ("check the permissions of that path", "check the permissions"),
+    errno.EROFS: ("that file system is read-only: write elsewhere", "write to a writable disk"),
+    errno.ENOENT: ("check the path", "check the paths"),
 }
 _LONGEST = 400  # characters of a foreign exception's message kept in the one line
 
@@ -45,7 +46,8 @@ def describe(exc: BaseException) -> str:
         if exc.filename2 is not None:
             where += f" -> {exc.filename2}"
         problem = f"{exc.strerror} ({type(exc).__name__}, errno {exc.errno})"
-        return str(SftpipeError(where, problem, _OS_FIXES.get(exc.errno or 0, "")))
+        with_path, without = _OS_FIXES.get(exc.errno or 0, ("", ""))
+        return str(SftpipeError(where, problem, with_path if where else without))
     text = " ".join(str(exc).split())
     if len(text) > _LONGEST:
         text = text[:_LONGEST] + "..."

@@ -103,7 +103,8 @@ def test_disk_full_and_foreign_errors_are_one_line():
     except OSError as exc:
         assert exc.errno == errno.ENOSPC
         assert describe(exc) == (
-            "No space left on device (OSError, errno 28) (free space on that disk)"
+            "No space left on device (OSError, errno 28) "
+            "(free space where the step writes (outputs, TMPDIR))"
         )
     moved = OSError(errno.EXDEV, "Invalid cross-device link", "/a/x", None, "/b/x")
     assert describe(moved).startswith("/a/x -> /b/x: Invalid cross-device link (OSError, errno 18)")
