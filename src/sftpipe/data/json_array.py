@@ -54,7 +54,8 @@ class _ArrayScanner:
                 self.in_string = True
             elif char in "[{":
                 self.depth += 1
-                self.deepest = max(self.deepest, self.depth)
+                if self.depth > self.deepest:
+                    self.deepest = self.depth
             elif char in "]}":
                 if self.depth == 0:
                     return pos - 1, pos - 1

@@ -115,13 +115,13 @@ def _read_dataset(source: Source, digests: dict[str, str] | None) -> Iterator[Ra
 
 
 def _read_jsonl(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
-    number = 0
+    number, limit = 0, raw.MAX_RECORD_BYTES
     while True:
-        line = stream.readline(raw.MAX_RECORD_BYTES + 1)
+        line = stream.readline(limit + 1)
         if not line:
             return
         number += 1
-        if len(line) > raw.MAX_RECORD_BYTES and not line.endswith(b"\n"):
+        if len(line) > limit and not line.endswith(b"\n"):
             size = len(line)
             while (rest := stream.readline(1 << 20)) and (size := size + len(rest)):
                 if rest.endswith(b"\n"):
@@ -129,7 +129,7 @@ def _read_jsonl(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
             yield RawRecord(
                 f"{source.name}:{number}",
                 error=Reason.RECORD_TOO_LARGE,
-                detail=f"the line has more than {raw.MAX_RECORD_BYTES >> 20} MiB ({size:,} bytes)",
+                detail=f"the line has more than {limit >> 20} MiB ({size:,} bytes)",
                 preview=raw.preview(line),
             )
             continue
@@ -140,8 +140,6 @@ def _read_jsonl(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
             yield RawRecord(f"{source.name}:{number}", payload=line, raw_json=True)
 
 
-# JSON array: split the top-level array into elements without holding the file. A scanner
-# tracks strings and nesting depth to find where each element ends; json.loads parses it.
 def _read_parquet(
     source: Source, stream: IO[bytes], gunzip: Gunzip | None = None
 ) -> Iterator[RawRecord]:
