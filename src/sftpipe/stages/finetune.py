@@ -48,8 +48,18 @@ from sftpipe.config import TrainConfig
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
+from sftpipe.modeling import (
+    attention,
+    classify,
+    distributed,
+    dropout_attention,
+    lean_layers,
+    lm,
+    lora,
+    models,
+)
 from sftpipe.modeling import checkpoint as checkpoints
-from sftpipe.modeling import classify, distributed, dropout_attention, lean_layers, lm, lora, models
+from sftpipe.modeling import device as placement
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
 from sftpipe.modeling.peak_flops import Peak, peak
@@ -400,9 +410,15 @@ def build_model(
     )
     if fsdp:
         distributed.shard(_core(model), device, dtype)
-    if config.compile:
-        # In place, so state_dict keys (checkpoints, export) stay those of the plain model;
-        # dynamic shapes, since every micro-batch has its own width.
+    elif config.method != "qlora":
+        placement.check_memory(model, device)  # one line before the first step, not an OOM
+    if data.labels is None and device.type == "cuda":
+        # Packed rows through the flash varlen kernel: no per-forward mask (modeling/attention)
+        attention.use(_core(model))
+    # In place, so state_dict keys (checkpoints, export) stay those of the plain model; dynamic
+    # shapes, since every micro-batch has its own width. Block by block where the model has a
+    # block list: one compiled graph serves them all.
+    if config.compile and not placement.compile_blocks(model, dynamic=True):
         _core(model).base_model.compile(dynamic=True)
     check_data_fits_model(data.train_rows + data.validation_rows, model, data.where)
     if "position_ids" in data.train_rows[0] and not lm.isolates_packed_samples(model, device):
@@ -575,7 +591,9 @@ def train(t: Training) -> None:
     for step in range(t.start_step + 1, t.total_steps + 1):
         result = optimizer_step(t, step)
         t.report.tokens += result.tokens
-        t.report.steps, t.report.train_loss = step, result.loss
+        t.report.steps = step
+        if not math.isnan(result.loss):  # read on logging and validation steps only
+            t.report.train_loss = result.loss
         t.report.loss_tokens += result.loss_tokens
         since_log.add(result)
         if step % t.config.log_every == 0 or step == t.total_steps:
@@ -591,7 +609,16 @@ def train(t: Training) -> None:
 
 def optimizer_step(t: Training, step: int) -> StepResult:
     """Forward and backward over this process's micro-batches of the step's window, then clip
-    and update."""
+    and update. The loss and gradient norm are read back (a wait for the device) only on
+    logging and validation steps; they are NaN in the result otherwise."""
+    try:
+        return _optimizer_step(t, step)
+    except torch.cuda.OutOfMemoryError as error:
+        kept = "the last checkpoint is kept" if t.store else "no checkpoint (no --checkpoint-uri)"
+        raise placement.out_of_memory(error, step, t.device, kept) from None
+
+
+def _optimizer_step(t: Training, step: int) -> StepResult:
     start = time.perf_counter()
     rows_of_step = next(t.windows)
     world, config = t.world, t.config
@@ -602,9 +629,9 @@ def optimizer_step(t: Training, step: int) -> StepResult:
     micro_batches = list(lm.batches(rows_of_step, config.micro_batch_size))[
         world.rank :: world.size
     ]
-    loss_total = 0.0
+    loss_total = placement.DeviceSum()
     for index, rows in enumerate(micro_batches):
-        batch = {k: v.to(t.device) for k, v in t.task.collate(rows, t.pad_id).items()}
+        batch = placement.to_device(t.task.collate(rows, t.pad_id), t.device)
         last = index == len(micro_batches) - 1
         # DDP: all-reduce on the last micro-batch only. FSDP reduce-scatters every one:
         # skipping it would keep whole unsharded gradients, which is what FSDP avoids.
@@ -619,9 +646,10 @@ def optimizer_step(t: Training, step: int) -> StepResult:
             with lm.autocast(t.device, t.dtype):
                 loss = t.loss_module(batch)
             t.scaler.scale(loss * world.size / window_loss_tokens).backward()
-        loss_total += float(loss.detach())
-    loss_value = world.sum(loss_total)[0] / window_loss_tokens
-    if not math.isfinite(loss_value):
+        loss_total.add(loss)
+    reads = step % config.log_every == 0 or step % config.eval_every == 0 or step == t.total_steps
+    loss_value = world.sum(loss_total.value())[0] / window_loss_tokens if reads else math.nan
+    if reads and not math.isfinite(loss_value):
         raise SftpipeError(
             "finetune",
             f"loss is {loss_value} at step {step}",
@@ -637,7 +665,7 @@ def optimizer_step(t: Training, step: int) -> StepResult:
     t.optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss_value,
-        float(grad_norm),
+        float(grad_norm) if reads else math.nan,
         step_tokens,
         window_loss_tokens,
         time.perf_counter() - start,
