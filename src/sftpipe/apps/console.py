@@ -55,7 +55,8 @@ class RunLog(io.TextIOBase):
         super().__init__()
         self.path = path
         self.console = console
-        self._file = path.open("a", encoding="utf-8", errors="replace")
+        # Line-buffered: `tail -f` on the log follows a run as it goes.
+        self._file = path.open("a", encoding="utf-8", errors="replace", buffering=1)
         self._pending = ""
         self._lock = threading.RLock()
         self.started: dict[str, float] = {}
