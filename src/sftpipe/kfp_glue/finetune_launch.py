@@ -29,6 +29,25 @@ from sftpipe.stages import finetune
 
 MODULE = "sftpipe.kfp_glue.finetune_launch"  # what torchrun and TrainJob nodes run with -m
 ERROR_PREFIX = "ERROR [finetune] "
+# After ERROR_PREFIX: a failure that a retry may get past (retries.is_transient); KFP's retries
+# of finetune skip the others (sftpipe.kfp_glue.retries).
+TRANSIENT_MARK = "(transient) "
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a failed worker prints."""
+    from sftpipe.kfp_glue.retries import is_transient
+
+    return f"{ERROR_PREFIX}{TRANSIENT_MARK if is_transient(exc) else ''}{describe(exc)}"
+
+
+def failure(where: str, error: str, fix: str) -> SftpipeError:
+    """The workers' error line (after ERROR_PREFIX) as an exception: a TransientError when they
+    marked it so or printed none (killed, out of memory, a lost node)."""
+    if not error or error.startswith(TRANSIENT_MARK):
+        message = error.removeprefix(TRANSIENT_MARK) or "see the log above"
+        return storage.TransientError(where, message, fix)
+    return SftpipeError(where, error, fix)
 
 
 def processes_per_node(config: TrainConfig) -> int:
@@ -87,8 +106,10 @@ def launch(nproc: int, args: list[str]) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if code:
-        raise SftpipeError(
-            f"torchrun ({nproc} processes)", error or f"exited with code {code}", "see the log"
+        raise failure(
+            f"torchrun ({nproc} processes)",
+            error or f"{TRANSIENT_MARK}exited with code {code}",
+            "see the log",
         )
 
 
@@ -132,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # any failure of a worker: one line (launch() reports the first)
         if not isinstance(exc, SftpipeError):
             traceback.print_exc(file=sys.stderr)  # stays in the log, above the line
-        print(f"{ERROR_PREFIX}{describe(exc)}", file=sys.stderr, flush=True)
+        print(error_line(exc), file=sys.stderr, flush=True)
         return 1
     finally:
         shutil.rmtree(local, ignore_errors=True)

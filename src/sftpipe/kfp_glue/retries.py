@@ -14,11 +14,14 @@ So the decision lives in sftpipe:
   tasks): a lost or preempted GPU node is the failure worth a new pod, and the retry resumes
   from the run's checkpoints. clean, tokenize, evaluate and register get no KFP retries: what
   fails there after the in-process retries is deterministic (the same data, the same error).
-- A finetune attempt that fails deterministically (a plain SftpipeError: a NaN loss, bad data,
-  a wrong setting) leaves a marker in the run's own checkpoint folder (`fail_fast`); the
-  attempts KFP starts after it find the marker and end at once with the same one-line error,
-  before loading data or a model, instead of training again. Transient errors and foreign
-  exceptions (a CUDA error, a killed process) leave no marker: the retry trains, resuming.
+- A finetune attempt that fails deterministically (`is_transient` false: an SftpipeError such
+  as a NaN loss, bad data, a wrong setting; a permission or disk-full OSError) leaves a marker in
+  the run's own checkpoint folder (`fail_fast`); the attempts KFP starts after it find the
+  marker and end at once with the same one-line error, before loading data or a model, instead
+  of training again. Transient errors and other exceptions (a CUDA or NCCL error, a connection
+  reset, a killed process) leave no marker: the retry trains, resuming. torchrun workers and
+  TrainJob nodes carry the verdict across the process boundary in their error line
+  (finetune_launch.TRANSIENT_MARK).
   Without checkpoint_uri there is no run folder and so no marker: KFP's retries then repeat
   the deterministic failure too (checkpoint_uri is needed to resume anyway).
 A new pipeline run has a new run key, hence a new checkpoint folder without a marker; a
@@ -28,14 +31,37 @@ A new pipeline run has a new run key, hence a new checkpoint folder without a ma
 from __future__ import annotations
 
 import contextlib
+import errno
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from sftpipe import storage
-from sftpipe.errors import SftpipeError
+from sftpipe.errors import SftpipeError, describe
 
 MARKER = "FAILED.txt"
+# OSErrors that a new pod would meet again: the same path, the same permissions, the same size.
+DETERMINISTIC_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOSPC,
+    errno.EDQUOT,
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may get past `exc`: a storage.TransientError, or an exception sftpipe did
+    not expect (a CUDA or NCCL error, a connection reset, a bug) unless it is an OSError of the
+    kinds above. Every other SftpipeError (bad input, a NaN loss, a wrong setting) is not."""
+    if isinstance(exc, storage.TransientError):
+        return True
+    if isinstance(exc, SftpipeError):
+        return False
+    return not (isinstance(exc, OSError) and exc.errno in DETERMINISTIC_ERRNOS)
 
 
 def _marker_uri(run_folder: str) -> str:
@@ -89,8 +115,7 @@ def fail_fast(run_folder: str, step: str) -> Iterator[None]:
         )
     try:
         yield
-    except storage.TransientError:
-        raise
-    except SftpipeError as exc:
-        _write_marker(run_folder, str(exc))
+    except Exception as exc:
+        if not is_transient(exc):
+            _write_marker(run_folder, describe(exc))
         raise

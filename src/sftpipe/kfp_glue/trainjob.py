@@ -225,13 +225,11 @@ def train(
         _delete(client, name, "it failed")
         prefix = finetune_launch.ERROR_PREFIX
         error = next((ln for ln in log if ln.startswith(prefix)), "").removeprefix(prefix)
-        # The node's own SftpipeError is deterministic; no error line: a lost node, an OOM kill.
-        kind = SftpipeError if error else storage.TransientError
-        raise kind(
-            where,
-            f"failed: {error or 'see the node log above'}",
-            "rerun the step to resume from the checkpoints",
+        # Deterministic only when the node said so; no error line: a lost node, an OOM kill.
+        failed = finetune_launch.failure(
+            where, error, "rerun the step to resume from the checkpoints"
         )
+        raise type(failed)(where, f"failed: {failed.problem}", failed.fix)
     _fetch(output_uri, Path(output_dir))
     return finetune.read_report(output_dir)
 

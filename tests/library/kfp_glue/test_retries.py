@@ -51,6 +51,14 @@ def test_transient_and_foreign_failures_are_retried(tmp_path, failure):
     assert attempt(folder), "the retry runs (and resumes from the checkpoints)"
 
 
+def test_a_permission_error_is_deterministic(tmp_path):
+    folder = str(tmp_path / "run-1")
+    with pytest.raises(PermissionError):
+        attempt(folder, PermissionError(13, "Permission denied", "/out/model"))
+    with pytest.raises(SftpipeError, match="not trying again: /out/model: Permission denied"):
+        attempt(folder)
+
+
 def test_without_a_run_folder_nothing_is_recorded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SftpipeError):
@@ -85,3 +93,29 @@ def test_an_unreachable_store_is_transient_and_a_missing_key_is_not(seaweedfs, s
     monkeypatch.setattr(storage, "s3_client", lambda: unreachable)
     with pytest.raises(storage.TransientError, match="cannot reach the object store"):
         storage.list_objects(f"s3://{s3_env}/x")
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (SftpipeError("finetune", "the loss is NaN at step 7"), False),
+        (storage.TransientError("s3://b/k", "cannot reach the object store"), True),
+        (RuntimeError("CUDA error: an illegal memory access"), True),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (PermissionError(13, "Permission denied", "/out/model"), False),
+    ],
+    ids=["deterministic", "transient", "foreign", "connection-reset", "permission"],
+)
+def test_a_workers_error_line_keeps_its_kind(exc, transient):
+    """torchrun workers and TrainJob nodes report a failure as one line; the step raises it
+    again as the same kind, so the retry decision survives the process boundary."""
+    from sftpipe.kfp_glue import finetune_launch
+
+    line = finetune_launch.error_line(exc)
+    assert line.startswith(finetune_launch.ERROR_PREFIX) and "\n" not in line
+    error = line.removeprefix(finetune_launch.ERROR_PREFIX)
+    raised = finetune_launch.failure("torchrun (2 processes)", error, "see the log")
+    assert isinstance(raised, storage.TransientError) == transient
+    assert finetune_launch.TRANSIENT_MARK not in str(raised)
+    nothing = finetune_launch.failure("torchrun (2 processes)", "", "see the log")
+    assert isinstance(nothing, storage.TransientError)  # killed before it could say why

@@ -298,15 +298,28 @@ def _call(fake: FakeKubernetes, run_key: str) -> dict:
     )
 
 
-def test_a_lost_node_is_transient_and_its_job_deleted():
-    """No error line from the node (killed, lost): a TransientError, which KFP's retry of
-    finetune may get past (sftpipe.kfp_glue.retries); the failed job is deleted either way."""
-    fake = FakeKubernetes(lambda job: (False, "step 10\nKilled\n"))
+@pytest.mark.parametrize(
+    ("log", "message"),
+    [
+        ("step 10\nKilled\n", "failed: see the log above"),
+        (
+            "ERROR [finetune] (transient) s3://b/x: cannot reach the object store\n",
+            "failed: s3://b/x: cannot reach the object store",
+        ),
+    ],
+    ids=["no-error-line", "transient-line"],
+)
+def test_a_lost_node_is_transient_and_its_job_deleted(log, message):
+    """No error line from the node (killed, lost), or one the node marked transient: a
+    TransientError, which KFP's retry of finetune may get past (sftpipe.kfp_glue.retries); the
+    failed job is deleted either way."""
+    fake = FakeKubernetes(lambda job: (False, log))
     try:
-        with pytest.raises(storage.TransientError, match="failed: see the node log above"):
+        with pytest.raises(storage.TransientError) as failed:
             trainjob.train(**_call(fake, "run-lost"))
     finally:
         fake.close()
+    assert str(failed.value).startswith(f"TrainJob {trainjob.job_name('run-lost')}: {message} (")
     assert fake.deleted == [trainjob.job_name("run-lost")]
 
 
