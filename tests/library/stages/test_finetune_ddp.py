@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from finetune_numerics import assert_same_training
 
 from sftpipe.config import TrainConfig
 from sftpipe.stages import finetune
@@ -48,13 +47,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, toke
         json.dumps(COMMON),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # The timeout only guards against a hang: a busy machine may take long.
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2xcpu" in done.stdout
     assert done.stdout.count("[finetune] done:") == 1  # only the main process reports
 
-    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("single", "ddp"))
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    # Same training up to the reduction order (tolerance derived in finetune_numerics): the
+    # workers run 1 thread each, this process more, so their kernels sum in other orders.
+    window_tokens = COMMON["micro_batch_size"] * 2 * 64  # 2 micro-batches of rows <= 64 tokens
+    assert_same_training(
+        tmp_path / "single", tmp_path / "ddp", tiny_model_dir, COMMON["max_steps"], window_tokens
+    )
     log = json.loads((tmp_path / "ddp" / finetune.TRAINING_LOG).read_text())
     assert log["best_validation_loss"] == pytest.approx(report.best_validation_loss, abs=1e-4)
