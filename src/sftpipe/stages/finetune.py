@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from sftpipe import storage
+from sftpipe import storage, tasks
 from sftpipe.config import TrainConfig
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.data.tokenized import read_parquet, schema_metadata
@@ -64,6 +64,7 @@ from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
 from sftpipe.modeling.peak_flops import Peak, peak
 from sftpipe.progress import Progress, format_duration
+from sftpipe.tasks.base import Task
 from sftpipe.tracking.runs import BufferedTracker
 
 TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
@@ -180,6 +181,7 @@ class Data:
     labels: dict[str, int] | None  # None: chat SFT of a causal LM
     template: str  # the chat template tokenize rendered with (an override included)
     where: str  # the training split's path, for error messages
+    task: Task  # chosen once from the data (sftpipe.tasks)
 
 
 @dataclass
@@ -271,7 +273,7 @@ def setup(
     data = read_data(train_path, validation_path)
     model_dir = models.fetch(base_model)
     tokenizer = models.load_tokenizer(
-        model_dir, base_model, data.template, chat=data.labels is None
+        model_dir, base_model, data.template, chat=data.task.chat_template
     )
     fsdp = check_options(config, world, device, data)
     model = build_model(config, model_dir, base_model, data, device, dtype, fsdp)
@@ -285,7 +287,7 @@ def setup(
     # (known GPUs) or its measured one.
     flops_per_token = (6 if config.method == "full" else 4) * lm.matmul_parameters(model)
     peak_flops = peak(device, dtype)
-    task: Any = lm if data.labels is None else classify
+    task: Any = data.task.training_batches()
     report = TrainReport(precision=str(dtype).removeprefix("torch.") if dtype else "fp32")
     training = Training(
         config=config,
@@ -340,6 +342,7 @@ def read_data(train_path: str | Path, validation_path: str | Path) -> Data:
         classify.label_map(train_path),
         schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, ""),
         str(train_path),
+        tasks.of_tokenized(train_path),
     )
 
 
@@ -354,10 +357,9 @@ def check_options(config: TrainConfig, world: World, device: torch.device, data:
             "fsdp is not supported with qlora or compile",
             "use --distributed-strategy ddp, or --method lora without --compile",
         )
-    if data.labels is not None:
-        if config.method == "qlora":
-            raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
-        classify.check_labels(data.train_rows + data.validation_rows, data.labels, data.where)
+    data.task.check_training(
+        config, data.train_rows + data.validation_rows, data.labels, data.where
+    )
     return fsdp
 
 
@@ -372,14 +374,11 @@ def load_model(
     base_model: str,
     labels: dict[str, int] | None,
     device: torch.device,
+    task: Task,
 ) -> Any:
     """The model to train (or to export into): the base model for the task on `device`, with
     gradient checkpointing and adapters as configured."""
-    if labels is None:
-        model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
-        model.config.use_cache = False
-    else:
-        model = classify.load_model(model_dir, labels, base_model)
+    model = task.load_for_training(config, model_dir, base_model, labels)
     model = model.to(device) if config.method != "qlora" else model
     if config.lean_layers:
         lean_layers.apply(model)
@@ -389,7 +388,7 @@ def load_model(
             {"use_reentrant": False}, every_n_layers=config.gradient_checkpointing_every
         )
     if config.method in ("lora", "qlora"):
-        model = lora.apply(model, config, "CAUSAL_LM" if labels is None else "SEQ_CLS")
+        model = lora.apply(model, config, task.peft_task_type)
     return model
 
 
@@ -406,7 +405,12 @@ def build_model(
     # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
     # has to fit one GPU whole.
     model = load_model(
-        config, model_dir, base_model, data.labels, torch.device("cpu") if fsdp else device
+        config,
+        model_dir,
+        base_model,
+        data.labels,
+        torch.device("cpu") if fsdp else device,
+        data.task,
     )
     if fsdp:
         distributed.shard(_core(model), device, dtype)
@@ -466,14 +470,7 @@ def build_loss(t: Training) -> Any:
     """The task's loss as a module (DDP wraps it: its gradient hooks run through `forward`).
     What one unit of loss is differs: an assistant token for chat SFT, an example for
     classification."""
-    labels, config = t.data.labels, t.config
-    if labels is None:
-        loss_module: Any = lm.TokenLoss(t.model)
-    else:
-        weights = (
-            classify.class_weights(t.data.train_rows, len(labels)) if config.class_weights else None
-        )
-        loss_module = classify.ClassLoss(t.model, weights)
+    loss_module = t.data.task.loss_module(t.model, t.config, t.data.train_rows, t.data.labels)
     loss_module.to(t.device)
     if t.world.size > 1 and not t.fsdp:
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
@@ -809,7 +806,9 @@ def export(t: Training, output_dir: str | Path) -> None:
     if t.world.is_main:
         # An FSDP model is sharded across the processes: export from a plain copy on the CPU.
         final = (
-            load_model(t.config, t.model_dir, t.base_model, t.data.labels, torch.device("cpu"))
+            load_model(
+                t.config, t.model_dir, t.base_model, t.data.labels, torch.device("cpu"), t.data.task
+            )
             if t.fsdp
             else t.model
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sftpipe.config import EvalConfig
+from sftpipe.config import EvalConfig, TrainConfig
 from sftpipe.evaluation import gate
 from sftpipe.evaluation.results import EvalResult
 
@@ -36,6 +36,7 @@ class Task(Protocol):
     chat_template: bool  # its tokenizer must render conversations (chat template)
     token_labels: bool  # its rows carry per-token labels (loss tokens; train rows can be packed)
     can_chat: bool  # `sftpipe chat` can talk to its models
+    peft_task_type: str  # what LoRA adapts: "CAUSAL_LM", "SEQ_CLS"
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:
         """Whether a tokenized Parquet file with this schema metadata holds this task's rows."""
@@ -43,6 +44,38 @@ class Task(Protocol):
 
     def recognizes_cleaned(self, label: str | None) -> bool:
         """Whether a cleaned row (its label, None for rows without one) is this task's."""
+        ...
+
+    def training_batches(self) -> Any:
+        """The module finetune batches with: `collate(rows, pad_id)` and `mean_loss(...)`
+        (`sftpipe.modeling.lm` or `sftpipe.modeling.classify`)."""
+        ...
+
+    def check_training(
+        self,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+        where: str,
+    ) -> None:
+        """Refuse, in one line, training settings or rows this task cannot train on."""
+        ...
+
+    def load_for_training(
+        self, config: TrainConfig, model_dir: Path, base_model: str, labels: dict[str, int] | None
+    ) -> Any:
+        """The base model with this task's head, on the CPU (finetune places it)."""
+        ...
+
+    def loss_module(
+        self,
+        model: Any,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+    ) -> Any:
+        """The training loss as a torch module (DDP wraps it), summed over what one unit of
+        loss is for this task."""
         ...
 
     def evaluate(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftpipe.config import EvalConfig
+from sftpipe.config import EvalConfig, TrainConfig
 from sftpipe.data.tokenized import read_parquet, tokenize_conversation
 from sftpipe.evaluation import gate, metrics
 from sftpipe.evaluation.results import EvalResult, Sample, model_digest, training_history
@@ -133,12 +133,47 @@ class ChatTask:
     chat_template = True
     token_labels = True
     can_chat = True
+    peft_task_type = "CAUSAL_LM"
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:
         return True  # the fallback: rows that carry no other task's marks are conversations
 
     def recognizes_cleaned(self, label: str | None) -> bool:
         return label is None
+
+    def training_batches(self) -> Any:
+        from sftpipe.modeling import lm
+
+        return lm
+
+    def check_training(
+        self,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+        where: str,
+    ) -> None:
+        return None  # the labels are token ids: tokenize checked them
+
+    def load_for_training(
+        self, config: TrainConfig, model_dir: Path, base_model: str, labels: dict[str, int] | None
+    ) -> Any:
+        from sftpipe.modeling import models
+
+        model = models.load_causal_lm(model_dir, base_model, quantize_4bit=config.method == "qlora")
+        model.config.use_cache = False
+        return model
+
+    def loss_module(
+        self,
+        model: Any,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+    ) -> Any:
+        from sftpipe.modeling import lm
+
+        return lm.TokenLoss(model)  # per assistant token
 
     def evaluate(
         self,

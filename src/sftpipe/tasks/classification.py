@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sftpipe.config import EvalConfig
+from sftpipe.config import EvalConfig, TrainConfig
 from sftpipe.data.schemas import LABEL_MAP_KEY
 from sftpipe.data.tokenized import read_label_map, read_parquet
 from sftpipe.evaluation import class_metrics, gate, metrics
@@ -131,12 +131,52 @@ class ClassificationTask:
     chat_template = False  # an encoder has no chat template, and needs none
     token_labels = False  # one label per row
     can_chat = False
+    peft_task_type = "SEQ_CLS"
 
     def recognizes_tokenized(self, metadata: dict[str, str]) -> bool:
         return LABEL_MAP_KEY in metadata
 
     def recognizes_cleaned(self, label: str | None) -> bool:
         return label is not None
+
+    def training_batches(self) -> Any:
+        from sftpipe.modeling import classify
+
+        return classify
+
+    def check_training(
+        self,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+        where: str,
+    ) -> None:
+        from sftpipe.errors import SftpipeError
+        from sftpipe.modeling import classify
+
+        if config.method == "qlora":
+            raise SftpipeError("method", "qlora is for causal LMs", "use lora or full to classify")
+        classify.check_labels(rows, labels or {}, where)
+
+    def load_for_training(
+        self, config: TrainConfig, model_dir: Path, base_model: str, labels: dict[str, int] | None
+    ) -> Any:
+        from sftpipe.modeling import classify
+
+        return classify.load_model(model_dir, labels or {}, base_model)
+
+    def loss_module(
+        self,
+        model: Any,
+        config: TrainConfig,
+        rows: list[dict[str, Any]],
+        labels: dict[str, int] | None,
+    ) -> Any:
+        from sftpipe.modeling import classify
+
+        count = len(labels or {})
+        weights = classify.class_weights(rows, count) if config.class_weights else None
+        return classify.ClassLoss(model, weights)  # per example
 
     def evaluate(
         self,

@@ -8,6 +8,7 @@ from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling.lora import ADAPTER_DIR
 from sftpipe.stages import finetune
+from sftpipe.tasks import chat
 
 FAST = dict(max_steps=12, learning_rate=5e-3, eval_every=6, micro_batch_size=8, precision="fp32")
 
@@ -69,7 +70,7 @@ def test_checkpointing_every_nth_block(tiny_model_dir):
 
     config = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every=2)
     cpu = torch.device("cpu")
-    model = finetune.load_model(config, tiny_model_dir, str(tiny_model_dir), None, cpu)
+    model = finetune.load_model(config, tiny_model_dir, str(tiny_model_dir), None, cpu, chat.TASK)
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(blocks) >= 2
     assert [b.gradient_checkpointing for b in blocks] == [i % 2 == 0 for i in range(len(blocks))]
