@@ -115,12 +115,23 @@ def read_saved(path: Path, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     except Exception as exc:  # datasets raises FileNotFoundError, ValueError, Arrow errors
         raise SftpipeError(
             str(path),
-            f"not a readable saved dataset ({type(exc).__name__}: {str(exc)[:200]})",
+            f"not a readable saved dataset ({_short(exc)})",
             "write it again with Dataset.save_to_disk",
         ) from None
     labels = _class_labels(dataset.features)
+    batches = dataset.iter(batch_size=_BATCH)
     number = 0
-    for batch in dataset.iter(batch_size=_BATCH):
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a damaged Arrow file
+            raise SftpipeError(
+                str(path),
+                f"reading row {number + 1} failed ({_short(exc)})",
+                "write it again with Dataset.save_to_disk",
+            ) from None
+        if batch is None:
+            return
         columns = list(batch)
         for values in zip(*batch.values(), strict=True):
             number += 1

@@ -178,3 +178,15 @@ def test_saved_dataset_fingerprint_follows_its_files(tmp_path):
     assert fingerprint(sources) == before
     datasets.Dataset.from_list(ROWS[:2]).save_to_disk(str(tmp_path / "a"))
     assert fingerprint(sources) != before
+
+
+def test_a_damaged_saved_dataset_is_one_line(tmp_path):
+    datasets.Dataset.from_list(ROWS * 50).save_to_disk(str(tmp_path / "a"))
+    (arrow,) = (tmp_path / "a").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # cut in half
+    with pytest.raises(SftpipeError) as caught:
+        run(tmp_path, data_uri=str(tmp_path / "a"), columns="messages=dialog")
+    assert str(caught.value).startswith(str(tmp_path / "a")) and "\n" not in str(caught.value)
+    (tmp_path / "a" / "state.json").write_text("{not json")
+    with pytest.raises(SftpipeError, match="not a readable saved dataset"):
+        run(tmp_path, data_uri=str(tmp_path / "a"))
