@@ -416,7 +416,7 @@ def build_model(
         distributed.shard(_core(model), device, dtype)
     elif config.method != "qlora":
         placement.check_memory(model, device)  # one line before the first step, not an OOM
-    if data.labels is None and device.type == "cuda":
+    if data.task.token_labels and device.type == "cuda":
         # Packed rows through the flash varlen kernel: no per-forward mask (modeling/attention)
         attention.use(_core(model))
     # In place, so state_dict keys (checkpoints, export) stay those of the plain model; dynamic
