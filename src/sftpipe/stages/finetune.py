@@ -611,8 +611,17 @@ def optimizer_step(t: Training, step: int) -> StepResult:
     try:
         return _optimizer_step(t, step)
     except torch.cuda.OutOfMemoryError as error:
-        kept = "the last checkpoint is kept" if t.store else "no checkpoint (no --checkpoint-uri)"
-        raise placement.out_of_memory(error, step, t.device, kept) from None
+        raise placement.out_of_memory(error, step, t.device, _checkpoint_kept(t)) from None
+
+
+def _checkpoint_kept(t: Training) -> str:
+    """What a failed run leaves to resume from, for its error line."""
+    if not t.store:
+        return "no checkpoint (no --checkpoint-uri)"
+    steps = t.store.complete_steps()
+    if not steps:
+        return "no checkpoint yet"
+    return f"the checkpoint of step {steps[-1]} is kept (a new run resumes from it)"
 
 
 def _optimizer_step(t: Training, step: int) -> StepResult:

@@ -191,3 +191,59 @@ def test_two_processes_resume_with_every_ranks_random_state(
     assert one.keys() == two.keys()
     for name in one:  # the same operations in the same order: bit for bit
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=0)
+
+
+def test_out_of_memory_during_training_is_one_line_and_keeps_the_last_checkpoint(
+    tiny_model_dir, tokenized, tmp_path, monkeypatch
+):
+    """No GPU here: the CUDA out-of-memory error is raised by the loss module's forward at
+    step 5 (torch.OutOfMemoryError, what the CUDA caching allocator raises). The run ends with
+    one line naming the step, the options and the checkpoint that survives (step 4)."""
+    from pathlib import Path
+
+    import pytest
+
+    from sftpipe.errors import SftpipeError
+    from sftpipe.modeling import lm
+
+    forward, calls = lm.TokenLoss.forward, []
+
+    def out_of_memory_at_step_5(self, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, batch)
+
+    monkeypatch.setattr(lm.TokenLoss, "forward", out_of_memory_at_step_5)
+    uri = str(tmp_path / "ckpt")
+    changes = dict(max_steps=10, checkpoint_every=2, micro_batch_size=4)
+    config = TrainConfig(**CONFIG | changes | dict(gradient_accumulation_steps=1))
+    with pytest.raises(SftpipeError) as failure:
+        finetune.run(config, str(tiny_model_dir), *tokenized, tmp_path / "out", None, uri)
+    message = str(failure.value)
+    assert "\n" not in message and "memory at step 5" in message
+    assert "checkpoint of step 4 is kept" in message
+    for option in ("--method lora or qlora", "--gradient-checkpointing", "fsdp", "batch"):
+        assert option in message
+    assert CheckpointStore(uri).complete_steps() == [2, 4]
+    assert not Path(tmp_path / "out").exists()
+
+
+def test_a_model_too_big_for_the_gpu_fails_before_the_first_step(
+    tiny_model_dir, tokenized, tmp_path, monkeypatch, capfd
+):
+    """No GPU here: the free device memory that `check_memory` compares against is set to
+    1 MiB (the tiny model needs ~2.2 MiB for weights, gradients and AdamW moments)."""
+    import functools
+
+    import pytest
+
+    from sftpipe.errors import SftpipeError
+    from sftpipe.modeling import device
+
+    check = functools.partial(device.check_memory, free_bytes=1 << 20)
+    monkeypatch.setattr(device, "check_memory", check)
+    with pytest.raises(SftpipeError, match="needs at least .* GiB .* free") as failure:
+        finetune.run(TrainConfig(max_steps=2), str(tiny_model_dir), *tokenized, tmp_path / "o")
+    assert "--method lora or qlora" in str(failure.value)
+    assert "[finetune] 2 steps" not in capfd.readouterr().out  # refused before training began
