@@ -140,13 +140,15 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         values = signature.bind(*args, **kwargs).arguments
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        # clean's cache key: the input files' digest, computed at run time by a task that is
-        # never cached, so new data at the same data_uri is cleaned again (tokenize follows:
-        # its input is clean's new output). Runs started from the KFP UI get it too.
+        # clean's and tokenize's cache keys: digests of the input files and of the base model's
+        # tokenizer files, computed at run time by a task that is never cached, so new data at
+        # the same data_uri is cleaned again (tokenize follows: its input is clean's new output)
+        # and a new tokenizer at the same base_model tokenizes again. Runs started from the KFP
+        # UI get them too.
         digest_task = data_digest(**_inputs(data_digest, values))
         digest_task.set_display_name("clean: data digest").set_caching_options(False)
         on_cluster(digest_task, "clean")
-        digest = digest_task.output
+        digest = digest_task.outputs["data_digest"]
 
         # No run id for clean and tokenize: an input would change their cache keys every run
         # (they read it from the environment, see sftpipe.kfp_glue.steps.RUN_ID_ENV).
@@ -157,7 +159,11 @@ def build_pipeline(cluster: ClusterOptions | None = None) -> Any:
         clean_task.set_display_name("clean").set_caching_options(True)
         on_cluster(clean_task, "clean")
 
-        tokenize_task = tokenize(cleaned=clean_task.outputs["cleaned"], **_inputs(tokenize, values))
+        tokenize_task = tokenize(
+            cleaned=clean_task.outputs["cleaned"],
+            model_digest=digest_task.outputs["model_digest"],
+            **_inputs(tokenize, values),
+        )
         tokenize_task.set_display_name("tokenize").set_caching_options(True)
         on_cluster(tokenize_task, "tokenize")
 

@@ -1,12 +1,17 @@
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
 from sftpipe.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data_digest(data_uri: str, file_format: str) -> str:
-    """A digest of the input files' sizes and ETags / modification times: clean takes it as an
-    input, so KFP's cache keys clean on the data itself, not on the `data_uri` string."""
+def data_digest(data_uri: str, file_format: str, base_model: str) -> NamedTuple(
+    "Digests", [("data_digest", str), ("model_digest", str)]
+):
+    """Digests of the input files and of the base model's files but its weights (sizes and
+    ETags / modification times): clean and tokenize take them as inputs, so KFP's cache keys
+    them on the data and the tokenizer themselves, not on the `data_uri`/`base_model` strings."""
     inputs = dict(locals())  # first: exactly the component's inputs
     from sftpipe.kfp_glue.steps import run_step
 

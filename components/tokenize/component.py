@@ -7,6 +7,7 @@ from sftpipe.components.images import CPU_IMAGE
 def tokenize(
     cleaned: Input[Dataset],
     base_model: str,
+    model_digest: str,
     max_length: int,
     truncation: str,
     validation_fraction: float,

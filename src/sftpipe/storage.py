@@ -284,6 +284,17 @@ def fingerprint(uris: list[str]) -> str:
     return digest.hexdigest()
 
 
+def list_files(uri: str) -> list[str]:
+    """The URIs of every file under a local folder or an s3:// prefix, sorted."""
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        return sorted(f"s3://{bucket}/{key}" for key in list_objects(uri) if not key.endswith("/"))
+    path = Path(uri)
+    if not path.is_dir():
+        raise SftpipeError(uri, "no such directory", "check the path")
+    return sorted(str(file) for file in path.rglob("*") if file.is_file())
+
+
 def _list_entries(bucket: str, prefix: str, uri: str) -> dict[str, tuple[str, int]]:
     """key -> (ETag, size) of every object of `bucket` whose key starts with `prefix`."""
     paginator = s3_client().get_paginator("list_objects_v2")

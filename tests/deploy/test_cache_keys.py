@@ -31,10 +31,10 @@ def test_the_digest_task_is_never_cached_and_keys_clean(spec):
     tasks = spec["root"]["dag"]["tasks"]
     digest = tasks["data-digest"]
     assert digest["cachingOptions"] == {}, "a cached digest would be as stale as the data_uri"
-    assert set(digest["inputs"]["parameters"]) == {"data_uri", "file_format"}
+    assert set(digest["inputs"]["parameters"]) == {"data_uri", "file_format", "base_model"}
     consumer = "clean-plan" if "clean-plan" in tasks else "clean"
     source = tasks[consumer]["inputs"]["parameters"]["data_digest"]["taskOutputParameter"]
-    assert source == {"producerTask": "data-digest", "outputParameterKey": "Output"}
+    assert source == {"producerTask": "data-digest", "outputParameterKey": "data_digest"}
     assert tasks[consumer]["cachingOptions"] == {"enableCache": True}
     if consumer == "clean-plan":  # the shards run in a ParallelFor sub-DAG: keyed on it too
         dags = [c["dag"] for c in spec["components"].values() if "dag" in c]
@@ -50,15 +50,18 @@ def test_the_digest_task_is_never_cached_and_keys_clean(spec):
         assert fed == [{"taskOutputParameter": source}]
     tokenize = tasks["tokenize"]
     assert tokenize["cachingOptions"] == {"enableCache": True}
+    model = tokenize["inputs"]["parameters"]["model_digest"]["taskOutputParameter"]
+    assert model == {"producerTask": "data-digest", "outputParameterKey": "model_digest"}
     produced_by = tokenize["inputs"]["artifacts"]["cleaned"]["taskOutputArtifact"]["producerTask"]
     assert produced_by in ("clean", "clean-merge")  # re-run when the digest changes
 
 
 def test_new_data_at_the_same_uri_changes_the_digest_and_cleans_cache_key(tmp_path):
     """The digest component run by KFP's local runner, before and after the file at the same
-    data_uri changes; then KFP's own cache-key function (kfp.local.cache, which keys like the
-    backend: component, image, command, inputs) over clean's inputs with each digest. Keyed on
-    the URI alone, the two keys would be equal: stale data from the cache.
+    data_uri changes (and the base model's weights, which tokenize does not read), then after
+    its tokenizer changes; then KFP's own cache-key function (kfp.local.cache, which keys like
+    the backend: component, image, command, inputs) over clean's inputs with each data digest.
+    Keyed on the URI alone, the two keys would be equal: stale data from the cache.
 
     (An end-to-end run of clean through the local runner's cache cannot show it: that cache
     never answers for a task with a Metrics output, whose file it expects on disk.)"""
@@ -69,13 +72,24 @@ def test_new_data_at_the_same_uri_changes_the_digest_and_cleans_cache_key(tmp_pa
     from sftpipe.config import PipelineConfig
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    data = tmp_path / "chats.jsonl"
+    data, model = tmp_path / "chats.jsonl", tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text('{"version": 1}')
+    (model / "model.safetensors").write_bytes(b"weights")
     data.write_text('{"messages": []}\n')
-    first = data_digest(data_uri=str(data), file_format="auto").output
-    assert data_digest(data_uri=str(data), file_format="auto").output == first
+
+    def digests() -> tuple[str, str]:
+        task = data_digest(data_uri=str(data), file_format="auto", base_model=str(model))
+        return task.outputs["data_digest"], task.outputs["model_digest"]
+
+    first, model_first = digests()
     data.write_text('{"messages": []}\n{"messages": []}\n')  # new data, same URI
-    second = data_digest(data_uri=str(data), file_format="auto").output
+    (model / "model.safetensors").write_bytes(b"new weights")  # tokenize does not read them
+    second, model_second = digests()
     assert len(first) == len(second) == 64 and first != second
+    assert model_second == model_first
+    (model / "tokenizer.json").write_text('{"version": 2}')  # a new tokenizer, same URI
+    assert digests()[1] != model_first
 
     defaults = PipelineConfig().flat() | {"data_uri": str(data)}
     inputs = {k: defaults[k] for k in clean.component_spec.inputs if k in defaults}

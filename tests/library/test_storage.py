@@ -173,3 +173,20 @@ def test_fingerprint_of_s3_objects_follows_their_etags(seaweedfs, s3_env):
     assert storage.fingerprint(uris) == first  # ETags are content hashes here
     with pytest.raises(SftpipeError, match="p-9.jsonl: no such object"):
         storage.fingerprint([*uris, f"s3://{s3_env}/data/p-9.jsonl"])
+
+
+def test_list_files_of_a_folder_and_a_prefix(seaweedfs, s3_env, tmp_path):
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "a.json").write_text("{}")
+    (tmp_path / "m" / "sub" / "b.bin").write_bytes(b"b")
+    assert storage.list_files(str(tmp_path / "m")) == [
+        str(tmp_path / "m" / "a.json"),
+        str(tmp_path / "m" / "sub" / "b.bin"),
+    ]
+    storage.upload_dir(tmp_path / "m", f"s3://{s3_env}/m")
+    assert storage.list_files(f"s3://{s3_env}/m") == [
+        f"s3://{s3_env}/m/a.json",
+        f"s3://{s3_env}/m/sub/b.bin",
+    ]
+    with pytest.raises(SftpipeError, match="no such directory"):
+        storage.list_files(str(tmp_path / "missing"))

@@ -41,7 +41,14 @@ from sftpipe.tracking.runs import RUN_ID_ENV
 
 # Component inputs that are not config fields: the run id, and what the fan-out of clean over
 # input shards passes between its steps.
-RUNTIME_INPUTS = ("pipeline_run_id", "num_shards", "shard", "data_config", "data_digest")
+RUNTIME_INPUTS = (
+    "pipeline_run_id",
+    "num_shards",
+    "shard",
+    "data_config",
+    "data_digest",
+    "model_digest",
+)
 BASE_MODEL_DIGEST_TAG = "sftpipe.base_model_digest"
 CODE_VERSION_ENV = "SFTPIPE_CODE_VERSION"
 
@@ -167,17 +174,27 @@ def clean(
     _publish_clean(params, config, cleaned, quarantine, metrics, report, clean_stage.run)
 
 
-def data_digest(params: dict[str, Any]) -> str:
-    """What clean's KFP cache is keyed on: a digest of the input files' metadata
-    (storage.fingerprint), computed at run time by an uncached task, so that new data at the
-    same `data_uri` is cleaned again instead of coming stale from the cache."""
+def data_digest(params: dict[str, Any]) -> Any:
+    """What the KFP cache keys clean and tokenize on, computed at run time by an uncached task:
+    a digest of the input files' metadata (`data_digest`, storage.fingerprint) and one of the
+    base model's files but its weights (`model_digest`: the tokenizer and chat template), so
+    that new data at the same `data_uri`, or a new tokenizer at the same `base_model`, is not
+    answered with stale output from the cache."""
+    from collections import namedtuple
+
     from sftpipe.data.sources import fingerprint, list_sources
+    from sftpipe.modeling.models import WEIGHT_SUFFIXES
 
     config = DataConfig.from_values(params)
     sources = list_sources(config.data_uri, config.file_format)
     digest = fingerprint(sources)
+    base_model = ModelConfig.from_values(params).base_model
+    model = ""
+    if base_model:  # else tokenize says what is missing
+        files = [f for f in storage.list_files(base_model) if not f.endswith(WEIGHT_SUFFIXES)]
+        model = storage.fingerprint(files)
     print(f"[clean] input digest {digest[:12]} ({len(sources)} files)", flush=True)
-    return digest
+    return namedtuple("Digests", ["data_digest", "model_digest"])(digest, model)
 
 
 def clean_plan(params: dict[str, Any]) -> Any:
