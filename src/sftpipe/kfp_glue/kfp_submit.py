@@ -58,7 +58,8 @@ PORT_FORWARD_HINT = (
 
 
 def _client_class() -> type:
-    """kfp.Client with a health check that tries once and says why it failed (module doc)."""
+    """kfp.Client with a health check that tries once and says why it failed, and a service-proxy
+    URL without a trailing slash (module doc)."""
     import kfp
 
     class _Client(kfp.Client):  # type: ignore[misc]
@@ -72,7 +73,9 @@ def _client_class() -> type:
 
         def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
             api = self._healthz_api
-            answer = api.healthz_service_get_healthz(_request_timeout=_timeouts())
+            answer = api.healthz_service_get_healthz(
+                _request_timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+            )
             response = api.api_client.last_response
             content_type = response.getheader("content-type") or "no content type"
             try:
@@ -87,10 +90,6 @@ def _client_class() -> type:
 class _NotKfp(Exception):
     def __init__(self, status: int, content_type: str) -> None:
         super().__init__(f"HTTP {status}, {content_type}")
-
-
-def _timeouts() -> tuple[int, int]:
-    return (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
 @dataclass
