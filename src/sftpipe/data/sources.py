@@ -1,6 +1,7 @@
-"""Where the input files are: a single file, a directory (every data file under it), a glob
-(`data/*.jsonl`, `s3://bucket/shards/part-*.parquet`) or an `s3://` object or prefix; and how
-they are split into shards for a fanned-out clean.
+"""Where the input is: a single file, a directory (every data file under it), a glob
+(`data/*.jsonl`, `s3://bucket/shards/part-*.parquet`) or an `s3://` object or prefix, or a
+Hugging Face dataset (a `save_to_disk` folder, `hf://...`: `sftpipe.data.hf`); how the files
+are split into shards for a fanned-out clean; and the fingerprint KFP's cache keys clean on.
 
 Hidden files and folders (`.x`, `_SUCCESS`, `_tmp/`) are skipped; with `file_format=auto` only
 names with a data suffix (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, optionally `.gz`) count.
@@ -32,7 +33,7 @@ _GLOB = re.compile(r"[*?\[]")
 
 @dataclass(frozen=True)
 class Source:
-    """One input file: its URI and the name that locations are reported with."""
+    """One input (a file, or a dataset): its URI and the name locations are reported with."""
 
     uri: str
     name: str
@@ -98,11 +99,12 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
         if not path.is_dir():
             raise SftpipeError(uri, "no such file or directory", "check the path")
         root = path
+        files = [p for p in sorted(path.rglob("*")) if p.is_file()]
+        _refuse_nested_datasets(uri, files)
         found = [
             Source(str(p), p.relative_to(root).as_posix())
-            for p in sorted(path.rglob("*"))
-            if p.is_file()
-            and not _hidden(p.relative_to(root).as_posix())
+            for p in files
+            if not _hidden(p.relative_to(root).as_posix())
             and wanted(p.relative_to(root).as_posix())
         ]
     if not found:
@@ -112,6 +114,18 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
             "check the path, or set --file-format for other file names",
         )
     return found
+
+
+def _refuse_nested_datasets(uri: str, files: list[Path]) -> None:
+    """A saved dataset inside a folder of files would be read as its JSON metadata files, and
+    its rows (in .arrow files) would be left out without a word: refused instead."""
+    for file in files:
+        if file.name == "state.json" and (file.parent / "dataset_info.json").is_file():
+            raise SftpipeError(
+                uri,
+                f"{file.parent} is a saved Hugging Face dataset inside a folder of data files",
+                "point data_uri at the dataset folder itself (one dataset per run)",
+            )
 
 
 def shard_sources(sources: list[Source], num_shards: int) -> list[list[Source]]:

@@ -190,3 +190,11 @@ def test_a_damaged_saved_dataset_is_one_line(tmp_path):
     (tmp_path / "a" / "state.json").write_text("{not json")
     with pytest.raises(SftpipeError, match="not a readable saved dataset"):
         run(tmp_path, data_uri=str(tmp_path / "a"))
+
+
+def test_a_saved_dataset_inside_a_folder_of_files_is_refused(tmp_path):
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text(json.dumps({"messages": dialog(1)}) + "\n")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "mixed" / "saved"))
+    with pytest.raises(SftpipeError, match="saved Hugging Face dataset inside a folder"):
+        list_sources(str(tmp_path / "mixed"))
