@@ -96,7 +96,8 @@ def _with_fault(
     preview = ""
     if last is not None:
         if last.location == location:
-            preview = last.preview or raw.preview(last.payload if last.raw_json else "")
+            shown = last.payload if last.raw_json else json.dumps(last.payload, default=str)
+            preview = last.preview or raw.preview(shown)
         else:
             yield last
     yield RawRecord(location, error=fault.reason, detail=fault.detail, preview=preview)
