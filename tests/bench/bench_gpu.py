@@ -654,6 +654,72 @@ def checks_child(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps(results))
 
 
+# --- where a step's time goes (one process) ---------------------------------------------------
+PROFILE_GROUPS = (  # (group, substrings of kernel/op names), first match wins
+    ("attention", ("flash", "varlen", "attention", "fmha", "sdpa")),
+    ("loss (vocabulary projection + cross-entropy)", ("logsumexp", "cross_entropy", "scatter")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("matmuls", ("gemm", "matmul", "mm", "cutlass", "sm90", "nvjet")),
+)
+
+
+def profile_child(args: argparse.Namespace) -> None:
+    """One sftpipe training step of the model at `--model-dir` on 8 packed rows, after two
+    warm-up steps, under torch.profiler: device time per group and the top kernels. Built from
+    the pieces finetune's full fine-tune uses (lean layers, varlen attention, the loss, fused
+    AdamW)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sftpipe.data.tokenized import read_parquet
+    from sftpipe.modeling import attention, lean_layers, lm, models
+
+    model_dir, data = Path(args.model_dir), json.loads(args.data)
+    device = lm.default_device()
+    model = models.load_causal_lm(model_dir).to(device)  # as finetune's full fine-tune
+    lean_layers.apply(model)
+    if device.type == "cuda":
+        attention.use(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    rows = read_parquet(data["train"])[: args.rows]
+    pad = models.load_tokenizer(model_dir).pad_token_id
+
+    def step() -> None:
+        batch = {k: v.to(device) for k, v in lm.collate(rows, pad).items()}
+        with lm.autocast(device, torch.bfloat16):
+            loss, count = lm.loss_sum(model, batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = [(e.key, getattr(e, attr, 0.0)) for e in events if getattr(e, attr, 0.0) > 0]
+    total = sum(t for _, t in kernels) or 1.0
+    groups: dict[str, float] = {}
+    for name, spent in kernels:
+        lowered = name.lower()
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in lowered for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + spent
+    lines = [f"one step, {len(rows)} rows, device time {total / 1e3:.1f} ms"]
+    lines += [
+        f"  {g}: {t / 1e3:.1f} ms ({t / total:.0%})"
+        for g, t in sorted(groups.items(), key=lambda x: -x[1])
+    ]
+    lines += ["top kernels:"]
+    lines += [
+        f"  {t / 1e3:8.2f} ms  {n[:110]}" for n, t in sorted(kernels, key=lambda x: -x[1])[:15]
+    ]
+    Path(args.result).write_text("\n".join(lines) + "\n")
+
+
 # --- orchestration ----------------------------------------------------------------------------
 def child_command(args: argparse.Namespace, mode: str, **values: str) -> list[str]:
     command = [
@@ -727,7 +793,8 @@ def main() -> None:
     parser.add_argument(
         "--sftpipe-set", default="{}", help="JSON of TrainConfig fields for sftpipe"
     )
-    parser.add_argument("--child", choices=("tool", "checks"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--child", choices=("tool", "checks", "profile"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -741,6 +808,8 @@ def main() -> None:
         return tool_child(args)
     if args.child == "checks":
         return checks_child(args)
+    if args.child == "profile":
+        return profile_child(args)
 
     started = time.perf_counter()
     if args.smoke:
@@ -824,6 +893,24 @@ def main() -> None:
         if result_file.exists():
             results["checks"] = json.loads(result_file.read_text())
         publish()
+
+    # Where one step of the largest model goes: for the closing note when a goal is missed.
+    if not args.no_profile and time.perf_counter() - started < args.budget_s:
+        profile_file = args.out / "profile.txt"
+        name = args.models.split(",")[-1]
+        say(f"profile of one sftpipe step of {name}")
+        command = child_command(
+            args,
+            "profile",
+            model_dir=str(model_dirs[name]),
+            data=json.dumps(data),
+            result=str(profile_file),
+            work=str(work),
+        )
+        subprocess.run(command, env=env)
+        if profile_file.exists():
+            results["profile"] = profile_file.read_text()
+            print(results["profile"])
     publish()
     print(table(results, facts))
     say(f"done in {time.perf_counter() - started:.0f} s; {args.out / 'results.md'}")
