@@ -26,6 +26,8 @@ samples are found from the position_ids here, which costs one host synchronizati
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 from typing import Any
 
@@ -47,9 +49,22 @@ def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([boundaries, end]).to(torch.int32)
 
 
+@functools.cache
+def _varlen_kernel() -> tuple[Any, frozenset[str]] | None:
+    """PyTorch's varlen attention and the keyword arguments this release takes (torch 2.13 has
+    `window_size` and `enable_gqa`; earlier releases take `is_causal`), or None before it
+    existed."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _flash_varlen_serves(query: torch.Tensor, dropout: float) -> bool:
     return (
-        query.device.type == "cuda"
+        _varlen_kernel() is not None
+        and query.device.type == "cuda"
         and query.dtype in (torch.float16, torch.bfloat16)
         and dropout == 0.0
         and query.shape[-1] <= 256  # the flash kernels' head-dimension limit
@@ -92,20 +107,19 @@ def varlen_attention(
     kv_heads; `cu`: cumulative sample lengths (int32, on the tensors' device); `max_length`: an
     upper bound of the longest sample (the row width will do). Returns (tokens, heads, dim)."""
     if _flash_varlen_serves(query, dropout):
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(
-            query,
-            key,
-            value,
-            cu,
-            cu,
-            max_length,
-            max_length,
-            scale=scale,
-            window_size=(-1, 0),  # causal
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
+        varlen_attn, takes = _varlen_kernel()  # type: ignore[misc]
+        options: dict[str, Any] = {"scale": scale}
+        if "window_size" in takes:
+            options["window_size"] = (-1, 0)  # causal
+        else:
+            options["is_causal"] = True
+        if query.shape[1] != key.shape[1]:
+            if "enable_gqa" in takes:
+                options["enable_gqa"] = True
+            else:  # an older release: one key/value head per query head
+                group = query.shape[1] // key.shape[1]
+                key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        return varlen_attn(query, key, value, cu, cu, max_length, max_length, **options)
     return _per_sample(query, key, value, cu, scale, dropout)
 
 
