@@ -70,3 +70,38 @@ def test_failed_upload_keeps_the_previous_checkpoint(seaweedfs, s3_env, tmp_path
 def test_missing_bucket_is_a_clear_error(seaweedfs, s3_env):
     with pytest.raises(SftpipeError, match="checkpoint bucket does not exist"):
         CheckpointStore("s3://no-such-bucket-xyz/ckpt").complete_steps()
+
+
+def test_rng_state_round_trips_every_generator_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from sftpipe.modeling.checkpoint import rank_rng_state, rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # a cached Gaussian is part of NumPy's state
+    torch.save([rng_state()], tmp_path / "trainer.pt")
+    expected = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+
+    saved = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    state, exact = rank_rng_state(saved, rank=0, size=1)
+    set_rng_state(state)
+    assert exact
+    drawn = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])
+
+
+def test_each_rank_gets_its_own_state_and_other_process_counts_are_flagged():
+    import torch
+
+    from sftpipe.modeling.checkpoint import rank_rng_state
+
+    saved = ["rank0", "rank1"]
+    assert rank_rng_state(saved, 1, 2) == ("rank1", True)
+    assert rank_rng_state(saved, 2, 3) == ("rank0", False)  # 3 processes resuming 2
+    older = torch.get_rng_state()  # checkpoints before per-rank states: one CPU state
+    assert rank_rng_state(older, 0, 1) == (older, True)
+    assert rank_rng_state(older, 1, 2)[1] is False
