@@ -489,6 +489,8 @@ def log_setup(t: Training) -> None:
                 "train.parameters": sum(p.numel() for p in t.model.parameters()),
                 "train.peak_matmul_tflops": round(t.peak.flops / 1e12, 3),
                 "train.peak_flops_source": t.peak.source,
+                # CPU results depend on it: the same seed on 1 vs 2 threads gave other weights.
+                "train.cpu_threads": torch.get_num_threads(),
             }
         )
     t.log(
