@@ -241,3 +241,16 @@ def test_cli_cluster_flags_are_generated_from_cluster_options():
     assert (options.gpu, options.accelerator_count, options.backoff_max) == (False, 3, "9m")
     assert options.cpu_requests == ClusterOptions().cpu_requests | {"finetune": "2"}
     assert [str(t) for t in options.tolerations] == ["pool=a:NoExecute"]
+
+
+@pytest.mark.parametrize("module", ["sftpipe.evaluation.gate", "sftpipe.tasks", "sftpipe.apps.cli"])
+def test_light_modules_stay_light(module):
+    """The config validates with the gate, and the CLI consults the tasks: importing them
+    must not pull in torch, transformers or mlflow (seconds each)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "mlflow")
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
