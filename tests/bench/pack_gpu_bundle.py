@@ -3,10 +3,10 @@
     python tests/bench/pack_gpu_bundle.py [--out build/gpu-bundle] [--python-version 3.12]
 
 The GPU image (see docs/gpu.md) has PyTorch, transformers 5.17, pandas, pyarrow, peft,
-accelerate and huggingface_hub but not pydantic, trl, datasets, bitsandbytes, the
-transformers sftpipe is tested with (5.24) nor sftpipe itself. The bundle carries them as
-wheels for that machine's Python, downloaded from the package index this machine reaches
-(`pip download --no-deps`, one version each), plus:
+accelerate and huggingface_hub but not pydantic, trl, datasets, bitsandbytes, ftfy, the
+transformers and peft sftpipe is tested with (5.24, 0.21) nor sftpipe itself. The bundle
+carries them as wheels for that machine's Python, downloaded from the package index this
+machine reaches (`pip download --no-deps`, one version each), plus:
 
 - bitsandbytes rebuilt with only its CUDA 13 libraries (the published wheel holds one per
   CUDA and ROCm version: 43 MB; CUDA 13 alone: ~3 MB),
@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 # What the GPU machine lacks, pinned to the versions this repo is tested with
 # (constraints.txt). Their other requirements are on the GPU image already (pandas, pyarrow,
-# xxhash, fsspec, huggingface_hub >= 1.31, tokenizers 0.23, safetensors 0.8, accelerate, peft).
+# xxhash, fsspec, huggingface_hub >= 1.31, tokenizers 0.23, safetensors 0.8, accelerate).
 WHEELS = (
     "transformers==5.24.0",
+    "peft==0.21.2",  # the image's peft may predate transformers 5.24
     "pydantic==2.14.4",
     "pydantic-core==2.50.5",
     "annotated-types==0.8.0",
@@ -50,6 +51,9 @@ WHEELS = (
     "datasets==5.2.0",
     "dill==0.4.1",
     "multiprocess==0.70.19",
+    # clean repairs mojibake with ftfy (the chatterbot data has some)
+    "ftfy==6.3.1",
+    "wcwidth==0.9.4",
 )
 BITSANDBYTES = "bitsandbytes==0.50.2"
 PLATFORMS = (

@@ -26,7 +26,6 @@ samples are found from the position_ids here, which costs one host synchronizati
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 from typing import Any
@@ -49,8 +48,7 @@ def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([boundaries, end]).to(torch.int32)
 
 
-@functools.cache
-def _varlen_kernel() -> tuple[Any, frozenset[str]] | None:
+def _find_varlen_kernel() -> tuple[Any, frozenset[str]] | None:
     """PyTorch's varlen attention and the keyword arguments this release takes (torch 2.13 has
     `window_size` and `enable_gqa`; earlier releases take `is_causal`), or None before it
     existed."""
@@ -61,9 +59,13 @@ def _varlen_kernel() -> tuple[Any, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# Looked up once, at import: a module constant, which torch.compile reads without a graph break.
+_VARLEN = _find_varlen_kernel()
+
+
 def _flash_varlen_serves(query: torch.Tensor, dropout: float) -> bool:
     return (
-        _varlen_kernel() is not None
+        _VARLEN is not None
         and query.device.type == "cuda"
         and query.dtype in (torch.float16, torch.bfloat16)
         and dropout == 0.0
@@ -107,7 +109,7 @@ def varlen_attention(
     kv_heads; `cu`: cumulative sample lengths (int32, on the tensors' device); `max_length`: an
     upper bound of the longest sample (the row width will do). Returns (tokens, heads, dim)."""
     if _flash_varlen_serves(query, dropout):
-        varlen_attn, takes = _varlen_kernel()  # type: ignore[misc]
+        varlen_attn, takes = _VARLEN  # type: ignore[misc]
         options: dict[str, Any] = {"scale": scale}
         if "window_size" in takes:
             options["window_size"] = (-1, 0)  # causal
