@@ -745,7 +745,8 @@ def table(results: dict, facts: dict) -> str:
         f"Device: {facts['name']}; MFU against {facts['peak_source']} "
         f"{facts['peak_flops'] / 1e12:.3g} TFLOP/s; versions {json.dumps(results['versions'])}",
         "",
-        "| model | tool | non-pad tok/s | loss tok/s | vs TRL packing | MFU | peak GiB (GPU; RSS on CPU) "
+        "| model | tool | non-pad tok/s | loss tok/s | vs TRL packing | MFU "
+        "| peak GiB (GPU; RSS on CPU) "
         "| loss per window |",
         "|---|---|---|---|---|---|---|---|",
     ]
