@@ -379,7 +379,7 @@ def load_model(
     """The model to train (or to export into): the base model for the task on `device`, with
     gradient checkpointing and adapters as configured."""
     model = task.load_for_training(config, model_dir, base_model, labels)
-    model = model.to(device) if config.method != "qlora" else model
+    model = place(model, device) if config.method != "qlora" else model
     if config.lean_layers:
         lean_layers.apply(model)
         dropout_attention.use(model)
@@ -390,6 +390,21 @@ def load_model(
     if config.method in ("lora", "qlora"):
         model = lora.apply(model, config, task.peft_task_type)
     return model
+
+
+def place(model: Any, device: torch.device) -> Any:
+    """`model` moved to `device`; weights that alone do not fit are one line, not a CUDA
+    traceback (the full check, with gradients and optimizer state, follows in build_model)."""
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        raise SftpipeError(
+            "finetune",
+            f"the model's weights alone ({weights / placement.GIB:.1f} GiB) do not fit "
+            f"{device} memory",
+            placement.MEMORY_OPTIONS,
+        ) from None
 
 
 def build_model(

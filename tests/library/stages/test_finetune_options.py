@@ -86,3 +86,15 @@ def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tokenized, tmp
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-4)
     merged = load_file(tmp_path / "b" / "model.safetensors")
     assert set(merged) == set(load_file(tmp_path / "a" / "model.safetensors"))
+
+
+def test_weights_that_alone_do_not_fit_the_device_are_one_line():
+    """No GPU here: a module whose `.to` raises the error CUDA's allocator raises."""
+
+    class TooBig(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    with pytest.raises(SftpipeError, match=r"weights alone \(0.0 GiB\) do not fit") as caught:
+        finetune.place(TooBig(4, 4), torch.device("cpu"))
+    assert "\n" not in str(caught.value) and "--method lora or qlora" in str(caught.value)
