@@ -184,8 +184,9 @@ class ChampionLock:
 
     A holder that dies leaves the lock behind: it carries its owner and an expiry that the
     holder renews every third of the lease (a heartbeat thread), and a waiter deletes it once
-    it has expired, after reading it again and finding the same owner and expiry (the compare
-    step). Before it moves the alias, the holder checks that it still holds the lock (`check`).
+    it has expired (at once when the owner is itself: a retried step of the same pipeline run),
+    after reading it again and finding the same owner and expiry (the compare step). Before it
+    moves the alias, the holder checks that it still holds the lock (`check`).
     """
 
     def __init__(self, client: Any, name: str, owner: str) -> None:
@@ -210,7 +211,8 @@ class ChampionLock:
             holder = self.holder()
             if holder is None:
                 continue  # released between our create and our read: try again at once
-            if holder.expires < time.time():
+            # Expired (its holder died), or left by an earlier attempt of this very step.
+            if holder.expires < time.time() or holder.owner == self.owner:
                 self._break(holder)
                 continue
             if time.monotonic() > deadline:
@@ -298,9 +300,9 @@ class ChampionLock:
         """Delete an expired lock, unless it changed hands since it was read."""
         if self.holder() != stale:
             return
+        why = "an earlier attempt of this step" if stale.owner == self.owner else "expired"
         print(
-            f"[register] breaking the champion lock of {self.name}: {stale.owner} let its "
-            "lease expire",
+            f"[register] breaking the champion lock of {self.name} held by {stale.owner} ({why})",
             flush=True,
         )
         self._delete()

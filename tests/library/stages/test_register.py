@@ -236,3 +236,9 @@ def test_champion_lock_waits_breaks_expired_leases_and_notices_a_lost_one(mlflow
     assert lock.holder().owner == "thief v4"
     client.delete_registered_model(lock_name)
     assert lock.holder() is None
+
+    # A retried step finds the lock its killed first attempt left: it takes it at once.
+    held_by("run-5 v5", time.time() + 3600)
+    with registry.ChampionLock(client, name, "run-5 v5") as again:
+        again.check()
+    assert again.holder() is None
