@@ -119,3 +119,52 @@ def test_a_workers_error_line_keeps_its_kind(exc, transient):
     assert finetune_launch.TRANSIENT_MARK not in str(raised)
     nothing = finetune_launch.failure("torchrun (2 processes)", "", "see the log")
     assert isinstance(nothing, storage.TransientError)  # killed before it could say why
+
+
+def test_the_finetune_step_fails_fast_on_its_retry(
+    tokenized, tmp_path, mlflow_env, monkeypatch, capsys
+):
+    """The finetune step as KFP runs it (run_step, a real MLflow server): an attempt that fails
+    on a wrong setting (the base model folder does not exist) leaves the marker in the run's
+    checkpoint folder; the next attempt of the same run ends with one line at once."""
+    from sftpipe.components.finetune import finetune
+
+    from sftpipe.config import PipelineConfig
+    from sftpipe.kfp_glue import steps
+    from sftpipe.tracking.runs import RUN_ID_ENV
+
+    class Artifact:
+        def __init__(self, path):
+            self.path, self.uri, self.metadata = str(path), str(path), {}
+
+        def log_metric(self, key, value):
+            self.metadata[key] = value
+
+    monkeypatch.setenv(RUN_ID_ENV, "run-retried")
+    monkeypatch.delenv("SFTPIPE_ERROR_FILE", raising=False)
+    params = PipelineConfig.from_flat(
+        {
+            "base_model": str(tmp_path / "no-such-model"),
+            "checkpoint_uri": str(tmp_path / "ckpt"),
+            "mlflow_experiment": "retries",
+            "max_steps": 1,
+        }
+    ).flat()
+    wanted = finetune.component_spec.inputs  # what KFP hands the component
+    inputs = {k: v for k, v in params.items() if k in wanted} | {"pipeline_run_id": "run-retried"}
+    artifacts = {
+        "train": Artifact(tokenized[0]),
+        "validation": Artifact(tokenized[1]),
+        "model": Artifact(tmp_path / "model"),
+        "metrics": Artifact(tmp_path / "metrics"),
+    }
+    lines = []
+    for _attempt in range(2):
+        with pytest.raises(SystemExit):
+            steps.run_step("finetune", **inputs, **artifacts)
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    first, second = lines
+    assert first.startswith("ERROR [finetune] ") and "no-such-model" in first
+    assert second.startswith("ERROR [finetune] finetune: an earlier attempt of this step failed")
+    assert first.removeprefix("ERROR [finetune] ") in second
+    assert (tmp_path / "ckpt" / "run-retried" / "FAILED.txt").is_file()
