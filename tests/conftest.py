@@ -42,3 +42,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_s3_uri(tiny_model_dir: Path, seaweedfs: S3Server, s3_env: str) -> str:
     """The tiny model uploaded to the fresh `s3_env` bucket; returns its s3:// URI."""
     return upload_dir_to_s3(seaweedfs.client(), tiny_model_dir, s3_env, "tiny-model")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """`sftpipe run` sets MLflow's process-wide tracking URI (mlflow.set_tracking_uri); put it
+    back after each test, so one test's store (even a refused one) never reaches the next."""
+    import sys
+
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    before = utils._tracking_uri if utils else None
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        utils._tracking_uri = before
