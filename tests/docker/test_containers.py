@@ -321,7 +321,6 @@ def test_pipeline_runs_every_step_in_its_container(
 
     # Each step ran in a container of the built image, as the image's non-root user.
     image_id = _built(docker_engine, IMAGE, 0).image_id  # the image under the tag now
-    assert image_id == cpu_image.image_id or os.environ.get("CI") != "true"
     containers = {}
     for step in STEPS:
         raw = run.data.tags.get(f"sftpipe.container.{step}")
