@@ -855,9 +855,3 @@ def export(t: Training, output_dir: str | Path) -> None:
 def read_report(output_dir: str | Path) -> TrainReport:
     """The report `run` exported beside the weights."""
     return TrainReport(**json.loads((Path(output_dir) / TRAINING_LOG).read_text()))
-
-
-if __name__ == "__main__":  # the entry point's former name, kept for torchrun command lines
-    from sftpipe.kfp_glue.finetune_launch import main
-
-    raise SystemExit(main())
