@@ -56,6 +56,12 @@ stop)
         fi
         rm -f "$pidfile"
     fi
+    # dockerd leaves its default network namespace mounted: unmount it so the folder can go.
+    for netns in "$dir"/exec/netns/*; do
+        if [ -e "$netns" ]; then
+            umount "$netns" 2>/dev/null || true
+        fi
+    done
     log "engine stopped ($dir kept: rm -rf it to drop the images)"
     ;;
 status)
