@@ -17,107 +17,29 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from deploy_helpers import K8S, render, require_tool
+from deploy_helpers import K8S, render
+from fixtures.postgres import Postgres, postgres_cluster
 from fixtures.servers import ServerProcess, free_port
 
 SERVICE_HOST = "mlflow.mlflow.svc.cluster.local:5000"  # MLFLOW_TRACKING_URI of the steps
 POD_IP_HOST = "10.244.0.17:5000"  # what the kubelet's probes send
 
 
-@dataclass(frozen=True)
-class Postgres:
-    port: int
-    user: str
-    password: str
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    """A throwaway PostgreSQL on a free loopback port (as `postgres` when we are root)."""
-    initdb, pg_ctl = require_tool("initdb"), require_tool("pg_ctl")
-    as_postgres: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="sftpipe-pg-"))
-    root.chmod(0o755)
-    data, sockets = root / "data", root / "sockets"
-    data.mkdir()
-    sockets.mkdir()
-    password = uuid.uuid4().hex
-    pwfile = root / "pw"
-    pwfile.write_text(password + "\n")
-    pwfile.chmod(0o644)
-    if os.geteuid() == 0:  # initdb refuses root
-        as_postgres = [require_tool("runuser"), "-u", "postgres", "--"]
-        for path in (data, sockets):
-            shutil.chown(path, "postgres", "postgres")
-    port = free_port()
-    log = root / "postgres.log"
-    log.touch()
-    if as_postgres:
-        shutil.chown(log, "postgres", "postgres")
-    run = [*as_postgres]
-    subprocess.run(
-        [
-            *run,
-            initdb,
-            "-D",
-            str(data),
-            "-U",
-            "mlflow",
-            f"--pwfile={pwfile}",
-            "-A",
-            "scram-sha-256",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    subprocess.run(
-        [
-            *run,
-            pg_ctl,
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            "-o",
-            f"-p {port} -k {sockets} -h 127.0.0.1",
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        import psycopg2
-
-        with contextlib.closing(
-            psycopg2.connect(
-                host="127.0.0.1", port=port, user="mlflow", password=password, dbname="postgres"
-            )
-        ) as conn:
-            conn.autocommit = True
-            conn.cursor().execute("CREATE DATABASE mlflow")
-        yield Postgres(port, "mlflow", password)
-    finally:
-        subprocess.run(
-            [*run, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    """A throwaway PostgreSQL on a free loopback port whose user has a password, as the
+    StatefulSet's (as `postgres` when we are root)."""
+    with postgres_cluster("mlflow", password=uuid.uuid4().hex) as pg:
+        yield pg
 
 
 def container_env(
