@@ -78,7 +78,7 @@ bench-train: install ## finetune vs HF Trainer and TRL SFTTrainer (tokens/s, RSS
 # ---------------------------------------------------------------------------------------------
 # cluster: the images, a local kind cluster with Kubeflow Pipelines + MLflow, and the demo run
 # on it. Needs docker (with a running engine), kind, kubectl, git and curl; see
-# docs/kubernetes-operations.md. The scripts in docker/scripts only ever use the kind cluster's
+# docs/kubernetes.md. The scripts in docker/scripts only ever use the kind cluster's
 # context.
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)

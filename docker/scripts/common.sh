@@ -33,7 +33,7 @@ need() {
     local tool
     for tool in "$@"; do
         command -v "$tool" >/dev/null 2>&1 ||
-            die "$tool is not installed (docs/kubernetes-operations.md lists what is needed)"
+            die "$tool is not installed (docs/kubernetes.md lists what is needed)"
     done
 }
 
