@@ -9,7 +9,6 @@ Figures (build times, sizes, run times) go to build/container-figures.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fixtures.pipeline_input import conversations, upload
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -231,22 +231,6 @@ def test_unbuildable_base_is_one_line(docker_engine, build_image):
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline in containers
-
-
-def conversations():
-    for i in range(80):
-        yield {
-            "messages": [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]
-        }
-
-
-def upload(seaweedfs, bucket, key, lines):
-    body = ("\n".join(lines) + "\n").encode()
-    seaweedfs.client().put_object(Bucket=bucket, Key=key, Body=body)
-    return f"s3://{bucket}/{key}", hashlib.sha256(body).hexdigest()
 
 
 def sftpipe_run(runner, workdir, env, **values):

@@ -2,13 +2,13 @@
 model read from S3, tracking and registry on a real MLflow server whose artifacts live in a
 SeaweedFS bucket."""
 
-import hashlib
 import json
 import subprocess
 import sys
 import uuid
 
 import pytest
+from fixtures.pipeline_input import conversations, upload
 
 from sftpipe.apps.local import run_local
 from sftpipe.config import PipelineConfig
@@ -25,22 +25,6 @@ FAST = dict(
     max_new_tokens=8,
     mlflow_experiment="e2e",
 )
-
-
-def conversations():
-    for i in range(80):
-        yield {
-            "messages": [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]
-        }
-
-
-def upload(seaweedfs, bucket, key, lines):
-    body = ("\n".join(lines) + "\n").encode()
-    seaweedfs.client().put_object(Bucket=bucket, Key=key, Body=body)
-    return f"s3://{bucket}/{key}", hashlib.sha256(body).hexdigest()
 
 
 def test_pipeline_registers_a_better_model(
