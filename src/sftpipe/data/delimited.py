@@ -104,13 +104,8 @@ def _csv_rows(source: Source, text: IO[str], delimiter: str) -> Iterator[RawReco
             continue
         location = f"{source.name}:{start}"
         joined = delimiter.join(row)
-        if raw.SURROGATE.search(joined):
-            yield RawRecord(
-                location,
-                error=Reason.BAD_ENCODING,
-                detail="bytes that are not UTF-8 (re-encode the file as UTF-8)",
-                preview=raw.preview(joined.encode("utf-8", "surrogateescape")),
-            )
+        if bad := raw.not_utf8(location, joined):
+            yield bad
             continue
         if len(row) != len(header):
             yield RawRecord(

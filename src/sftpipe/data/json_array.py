@@ -195,13 +195,8 @@ def read_json_array(source: Source, stream: IO[bytes]) -> Iterator[RawRecord]:
                 preview=raw.preview(text),
             )
             continue
-        if raw.SURROGATE.search(text):
-            yield RawRecord(
-                location,
-                error=Reason.BAD_ENCODING,
-                detail="bytes that are not UTF-8 (re-encode the file as UTF-8)",
-                preview=raw.preview(text.encode("utf-8", "surrogateescape")),
-            )
+        if bad := raw.not_utf8(location, text):
+            yield bad
             continue
         try:
             record = json.loads(text)

@@ -37,3 +37,16 @@ def preview(data: bytes | str) -> str:
     if isinstance(data, bytes):
         data = data[: size * 4].decode("utf-8", "replace")
     return data[:size]
+
+
+def not_utf8(location: str, text: str) -> RawRecord | None:
+    """The BAD_ENCODING record of `text` (decoded with "surrogateescape") when it holds bytes
+    that were not UTF-8, else None."""
+    if not SURROGATE.search(text):
+        return None
+    return RawRecord(
+        location,
+        error=Reason.BAD_ENCODING,
+        detail="bytes that are not UTF-8 (re-encode the file as UTF-8)",
+        preview=preview(text.encode("utf-8", "surrogateescape")),
+    )
