@@ -21,8 +21,10 @@ switches the fast path off for the rest of the batch.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sftpipe.data.schemas import Message
@@ -256,3 +258,61 @@ def token_ranges(encoding: Any, spans: list[tuple[int, int]]) -> list[tuple[int,
         if first <= last:
             ranges.append((first, last + 1))
     return ranges
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The id of a real unknown token; None when the tokenizer has none, or when its "unknown"
+    token doubles as a special token (GPT-2 style byte-level BPE: <|endoftext|>), which then
+    appears in templates without meaning unrepresentable text."""
+    unknown = tokenizer.unk_token_id
+    specials = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    return None if unknown is None or unknown in specials else unknown
+
+
+def stop_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
+    """Tokens that end generation: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            configured = json.loads((model_dir / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, list):
+            ids.update(i for i in configured if isinstance(i, int))
+    return ids
+
+
+def check_end_of_turn(tokenizer: Any, stop_ids: set[int], where: str) -> str:
+    """Every assistant turn of a probe conversation must end with a stop token; returns it."""
+    probe: list[Message] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+    try:
+        text, spans = assistant_spans(tokenizer, probe)
+    except SftpipeError:
+        raise
+    except Exception as exc:  # the template itself fails
+        raise SftpipeError(
+            where, f"the chat template fails on a plain conversation ({exc})", "fix the template"
+        ) from None
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    names = sorted(tokenizer.convert_ids_to_tokens(sorted(stop_ids))) if stop_ids else []
+    replies = [m["content"] for m in probe if m["role"] == "assistant"]
+    ranges = token_ranges(encoding, spans)
+    for (_first, last), (start, end), reply in zip(ranges, spans, replies, strict=True):
+        if encoding.ids[last - 1] not in stop_ids:
+            turn = text[start:end]
+            marker = turn[len(reply) :] if turn.startswith(reply) else turn
+            raise SftpipeError(
+                where,
+                f"the chat template ends assistant turns with {marker!r}, which does not stop "
+                f"generation (stop tokens: {names or 'none'}): the model would never stop",
+                "use a template that ends assistant turns with the EOS token, or make that "
+                "token the EOS (tokenizer eos_token / generation_config eos_token_id)",
+            )
+    return tokenizer.convert_ids_to_tokens(encoding.ids[token_ranges(encoding, spans)[0][1] - 1])

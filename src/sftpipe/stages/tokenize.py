@@ -31,63 +31,30 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sftpipe import storage, tasks
 from sftpipe.config import TokenizeConfig
-from sftpipe.data import chat_templates, packing, parallel, readers, records
+from sftpipe.data import chat_encoding, chat_templates, packing, parallel, records, split
 from sftpipe.data.byte_level import ByteLevelEncoder
-from sftpipe.data.chat_templates import assistant_spans, token_ranges
-from sftpipe.data.schemas import (
-    CHAT_TEMPLATE_KEY,
-    LABEL_MAP_KEY,
-    Message,
-    QuarantineRow,
-    Reason,
-)
+from sftpipe.data.schemas import CHAT_TEMPLATE_KEY, LABEL_MAP_KEY, Reason
 from sftpipe.data.tokenized import (
     IGNORE_INDEX,
+    ParquetOut,
     chat_schema,
     classification_schema,
-    labels_for,
 )
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import models
 from sftpipe.progress import Progress
 
-_BATCH = 1024  # rows per worker task (fewer tasks to send, and fewer template checks)
-# A row group is written when it has this many rows or tokens, whichever comes first: the
-# token bound keeps the buffer (12 bytes a token in packed rows, copied once more when written)
-# near 25 MB whatever max_length is.
-_ROW_GROUP_ROWS, _ROW_GROUP_TOKENS = 4096, 1 << 20
 _PROGRESS_SECONDS = 10.0  # between progress lines
 
-
-def is_validation(row_id: str, fraction: float) -> bool:
-    return _hash_fraction(row_id) < fraction
-
-
-def _hash_fraction(row_id: str) -> float:
-    return int(row_id[:12], 16) / 16**12
-
-
 UNKNOWN_TOKEN_WARNING = 0.01  # warn above this fraction of unknown tokens
-
-
-def unknown_token_id(tokenizer: Any) -> int | None:
-    """The id of a real unknown token; None when the tokenizer has none, or when its "unknown"
-    token doubles as a special token (GPT-2 style byte-level BPE: <|endoftext|>), which then
-    appears in templates without meaning unrepresentable text."""
-    unknown = tokenizer.unk_token_id
-    specials = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
-    return None if unknown is None or unknown in specials else unknown
 
 
 @dataclass
@@ -139,209 +106,13 @@ class TokenizeReport:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading the cleaned file
-# ----------------------------------------------------------------------------------------------
-
-_HEAD = re.compile(
-    r'^\{"id": "([0-9a-f]{12,})", "group": "([0-9a-f]{12,})"(?:, "label": ("(?:[^"\\]|\\.)*"))?'
-)
-
-
-def _heads(path: str | Path) -> Iterator[tuple[str, str | None]]:
-    """(group, label or None) of every cleaned row, cheaply (a regex on the line start)."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            match = _HEAD.match(line)
-            if match:
-                label = json.loads(match.group(3)) if match.group(3) else None
-                yield match.group(2), label
-            else:
-                row = json.loads(line)
-                label = row.get("label")
-                yield row.get("group") or row["id"], None if label is None else str(label)
-
-
 def _batches(path: str | Path) -> Iterator[list[dict[str, Any]]]:
-    for lines in _LineBatches(path):
+    for lines in chat_encoding.LineBatches(path):
         yield [json.loads(line) for line in lines]
 
 
-def _split_chat(path: str | Path, fraction: float, where: str) -> tuple[set[str], set[str]]:
-    """Groups forced to validation / to train, so that both sides get rows even when the
-    hash puts everything on one side (tiny data). Reads only until both sides have a row
-    (a few rows on real data): then nothing is forced."""
-    low: tuple[float, str] | None = None
-    high: tuple[float, str] | None = None
-    sides = collections.Counter()
-    groups = 0
-    for group, _ in _heads(path):
-        groups += 1
-        value = _hash_fraction(group)
-        sides[value < fraction] += 1
-        if sides[True] and sides[False]:
-            return set(), set()
-        low = min(low, (value, group)) if low else (value, group)
-        high = max(high, (value, group)) if high else (value, group)
-    if groups == 0:
-        raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
-    if low is not None and low[1] == high[1]:  # type: ignore[index]
-        raise SftpipeError(
-            where,
-            "fewer than 2 distinct conversations: no validation set is possible",
-            "provide more data",
-        )
-    force_validation = {low[1]} if not sides[True] else set()  # type: ignore[index]
-    force_train = {high[1]} if not sides[False] else set()  # type: ignore[index]
-    return force_validation, force_train
-
-
-_GROUP_WIDTH = 32  # clean's ids (and so groups) are 32 hex digits
-
-
-def _split_stratified(
-    path: str | Path, fraction: float, label_map: dict[str, int]
-) -> tuple[set[str], dict[str, int]]:
-    """Validation groups chosen per label (the lowest hashes, round(fraction x groups), at
-    least one when a label has two groups or more), and the label map (given, or the sorted
-    label names: numerically when they are all integers). Memory: each row's group as 32
-    bytes in an array while reading (sorted as bytes: hex ids sort as their hash fraction
-    does), then the validation groups only."""
-    per_label: dict[str, bytearray] = collections.defaultdict(bytearray)
-    for group, label in _heads(path):
-        per_label[str(label)] += group.encode()[:_GROUP_WIDTH].ljust(_GROUP_WIDTH, b"\0")
-    if not label_map:
-        names = sorted(per_label)
-        if all(re.fullmatch(r"-?\d+", n) for n in names):
-            names.sort(key=int)
-        label_map = {name: index for index, name in enumerate(names)}
-    validation: set[str] = set()
-    for groups in per_label.values():
-        ordered = np.unique(np.frombuffer(groups, dtype=f"S{_GROUP_WIDTH}"))  # distinct, sorted
-        take = round(fraction * len(ordered))
-        if len(ordered) >= 2:
-            take = min(max(take, 1), len(ordered) - 1)
-        validation.update(group.decode() for group in ordered[:take].tolist())
-    return validation, label_map
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing Parquet in row groups
-# ----------------------------------------------------------------------------------------------
-
-
-class _ParquetOut:
-    """Rows appended as dicts of column values, written in row groups of at most
-    `_ROW_GROUP_ROWS` rows and about `_ROW_GROUP_TOKENS` tokens."""
-
-    def __init__(self, handle: Any, schema: Any) -> None:
-        import pyarrow.parquet as pq
-
-        self.schema = schema
-        self.writer = pq.ParquetWriter(handle, schema)
-        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
-        self.rows = 0
-        self.buffered_tokens = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        for name, values in self.columns.items():
-            values.append(row[name])
-        self.rows += 1
-        self.buffered_tokens += row["num_tokens"]
-        if len(self.columns["id"]) >= _ROW_GROUP_ROWS or self.buffered_tokens >= _ROW_GROUP_TOKENS:
-            self.flush()
-
-    def flush(self) -> None:
-        import pyarrow as pa
-
-        if not self.columns["id"]:
-            return
-        arrays = []
-        for name, values in self.columns.items():
-            kind = self.schema.field(name).type
-            if pa.types.is_list(kind):
-                lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-                offsets = np.zeros(len(values) + 1, dtype=np.int32)
-                np.cumsum(lengths, out=offsets[1:])
-                flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values])
-                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
-            else:
-                arrays.append(pa.array(values, type=kind))
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.columns = {name: [] for name in self.schema.names}
-        self.buffered_tokens = 0
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
-
-
-def stop_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
-    """Tokens that end generation: the tokenizer's EOS and the model's generation EOS ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for name in ("generation_config.json", "config.json"):
-        try:
-            configured = json.loads((model_dir / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError):
-            continue
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif isinstance(configured, list):
-            ids.update(i for i in configured if isinstance(i, int))
-    return ids
-
-
-def check_end_of_turn(tokenizer: Any, stop_ids: set[int], where: str) -> str:
-    """Every assistant turn of a probe conversation must end with a stop token; returns it."""
-    probe: list[Message] = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye"},
-    ]
-    try:
-        text, spans = assistant_spans(tokenizer, probe)
-    except SftpipeError:
-        raise
-    except Exception as exc:  # the template itself fails
-        raise SftpipeError(
-            where, f"the chat template fails on a plain conversation ({exc})", "fix the template"
-        ) from None
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    names = sorted(tokenizer.convert_ids_to_tokens(sorted(stop_ids))) if stop_ids else []
-    replies = [m["content"] for m in probe if m["role"] == "assistant"]
-    ranges = token_ranges(encoding, spans)
-    for (_first, last), (start, end), reply in zip(ranges, spans, replies, strict=True):
-        if encoding.ids[last - 1] not in stop_ids:
-            turn = text[start:end]
-            marker = turn[len(reply) :] if turn.startswith(reply) else turn
-            raise SftpipeError(
-                where,
-                f"the chat template ends assistant turns with {marker!r}, which does not stop "
-                f"generation (stop tokens: {names or 'none'}): the model would never stop",
-                "use a template that ends assistant turns with the EOS token, or make that "
-                "token the EOS (tokenizer eos_token / generation_config eos_token_id)",
-            )
-    return tokenizer.convert_ids_to_tokens(encoding.ids[token_ranges(encoding, spans)[0][1] - 1])
-
-
-def _quarantine_line(row: dict[str, Any], reason: Reason, detail: str) -> str:
-    raw = json.dumps(row.get("messages", row.get("text")), ensure_ascii=False)[
-        : readers.RAW_PREVIEW
-    ]
-    entry = QuarantineRow(source=row.get("source", ""), reason=reason.value, detail=detail, raw=raw)
-    return json.dumps(entry, ensure_ascii=False) + "\n"
-
-
 def _quarantine(handle: Any, row: dict[str, Any], reason: Reason, detail: str) -> None:
-    handle.write(_quarantine_line(row, reason, detail))
+    handle.write(chat_encoding.quarantine_line(row, reason, detail))
 
 
 def run(
@@ -360,7 +131,7 @@ def run(
     start = time.perf_counter()
     template = chat_templates.resolve(config.chat_template)
     where = str(cleaned_path)
-    first = next(_heads(cleaned_path), None)
+    first = next(split.heads(cleaned_path), None)
     if first is None:
         raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
     task = tasks.of_cleaned(first[1])
@@ -415,145 +186,6 @@ def run(
     return report
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    """What the main process needs of a tokenized conversation (not the row itself: less to
-    send back from the workers), or why it was rejected (`reason`, its quarantine line)."""
-
-    id: str
-    reason: Reason | None = None
-    quarantine: str = ""
-    input_ids: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    full_length: int = 0
-    truncated: bool = False
-    validation: bool = False
-    loss_tokens: int = 0
-    unknown_tokens: int = 0
-    messages: str = ""  # JSON, for the rows that keep their messages (validation, unpacked)
-
-
-_WORKER: dict[str, Any] = {}  # the tokenizer and settings, inherited by forked workers
-
-
-def _rejected(row: dict[str, Any], reason: Reason, detail: str, full: int = 0) -> _Encoded:
-    return _Encoded(row["id"], reason, _quarantine_line(row, reason, detail), full_length=full)
-
-
-def _to_validation(group: str) -> bool:
-    """The split of a duplicate group (`_split_chat` forces a side when one would be empty)."""
-    if group in _WORKER["force_validation"]:
-        return True
-    return group not in _WORKER["force_train"] and is_validation(group, _WORKER["fraction"])
-
-
-def _encode_chat_batch(lines: list[str]) -> list[_Encoded]:
-    """Render, tokenize, label and split a batch of cleaned rows (in a worker or here)."""
-    renderer = _WORKER["renderer"]
-    max_length, drop, unknown = _WORKER["max_length"], _WORKER["drop"], _WORKER["unknown"]
-    renderer.new_batch()
-    rows = [json.loads(line) for line in lines]
-    out: list[_Encoded | None] = [None] * len(rows)
-    texts, spans, at = [], [], []
-    for index, row in enumerate(rows):
-        try:
-            text, row_spans = renderer.render(row["messages"])
-        except SftpipeError:
-            raise
-        except Exception as exc:  # the template rejects this conversation
-            out[index] = _rejected(row, Reason.TEMPLATE_ERROR, f"chat template: {exc}")
-            continue
-        texts.append(text)
-        spans.append(row_spans)
-        at.append(index)
-    encodings = _encode_batch(texts, spans)
-    for index, encoding, row_spans in zip(at, encodings, spans, strict=True):
-        row, ids = rows[index], encoding.ids
-        labels = labels_for(ids, token_ranges(encoding, row_spans))
-        full = len(ids)
-        if full > max_length:
-            if drop:
-                out[index] = _rejected(
-                    row,
-                    Reason.TOO_MANY_TOKENS,
-                    f"{full} tokens > max_length={max_length} (truncation=drop)",
-                    full,
-                )
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-        masked = labels.count(IGNORE_INDEX)
-        if masked == len(labels):
-            detail = f"no assistant token within max_length={max_length}"
-            out[index] = _rejected(row, Reason.NO_LOSS_TOKENS, detail, full)
-            continue
-        validation = _to_validation(row.get("group") or row["id"])
-        keep_messages = validation or not _WORKER["packing"]
-        out[index] = _Encoded(
-            row["id"],
-            input_ids=np.asarray(ids, dtype=np.int32),
-            labels=np.asarray(labels, dtype=np.int32),
-            full_length=full,
-            truncated=full > max_length,
-            validation=validation,
-            loss_tokens=len(labels) - masked,
-            unknown_tokens=0 if unknown is None else ids.count(unknown),
-            messages=json.dumps(row["messages"], ensure_ascii=False) if keep_messages else "",
-        )
-    return out  # type: ignore[return-value]
-
-
-def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Any]:
-    """The Rust tokenizer's encodings, or the byte-level encoder's (`sftpipe.data.byte_level`) when
-    the tokenizer has one and it agrees with the Rust tokenizer on the batch's first text and
-    first text beyond ASCII (ids and label ranges): a disagreement, which the tests say cannot
-    happen, costs speed only."""
-    backend, fast = _WORKER["tokenizer"].backend_tokenizer, _WORKER["byte_level"]
-    if fast is None or not texts:
-        return backend.encode_batch(texts, add_special_tokens=False)
-    encodings = fast.encode_batch(texts)
-    probes = {0, next((i for i, text in enumerate(texts) if not text.isascii()), 0)}
-    if all(_agrees(backend, encodings[i], texts[i], spans[i]) for i in sorted(probes)):
-        return encodings
-    if not _WORKER.get("warned"):
-        _WORKER["warned"] = True
-        print(
-            "[tokenize] WARNING: the fast byte-level encoder disagrees with the tokenizer; "
-            "using the tokenizer for this batch (please report it)",
-            flush=True,
-        )
-    return backend.encode_batch(texts, add_special_tokens=False)
-
-
-def _agrees(backend: Any, encoding: Any, text: str, spans: list[tuple[int, int]]) -> bool:
-    reference = backend.encode(text, add_special_tokens=False)
-    return reference.ids == encoding.ids and token_ranges(reference, spans) == token_ranges(
-        encoding, spans
-    )
-
-
-class _LineBatches:
-    """The non-empty lines of the cleaned file, in batches, counting the bytes read (progress)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = path
-        self.size = Path(path).stat().st_size
-        self.bytes_read = 0
-
-    def __iter__(self) -> Iterator[list[str]]:
-        batch: list[str] = []
-        with open(self.path, "rb") as handle:
-            for raw in handle:
-                self.bytes_read += len(raw)
-                line = raw.decode("utf-8")
-                if line.strip():
-                    batch.append(line)
-                    if len(batch) >= _BATCH:  # read here, so that tests can make batches small
-                        yield batch
-                        batch = []
-        if batch:
-            yield batch
-
-
 def _run_chat(
     config: TokenizeConfig,
     tokenizer: Any,
@@ -568,13 +200,15 @@ def _run_chat(
 ) -> str:
     from sftpipe.data.report import highlight_tokens
 
-    check_end_of_turn(tokenizer, stop_token_ids(tokenizer, model_dir), base_model)
-    force_validation, force_train = _split_chat(
+    chat_templates.check_end_of_turn(
+        tokenizer, chat_templates.stop_token_ids(tokenizer, model_dir), base_model
+    )
+    force_validation, force_train = split.split_chat(
         cleaned_path, config.validation_fraction, str(cleaned_path)
     )
     metadata = {CHAT_TEMPLATE_KEY: report.chat_template}
-    train = _ParquetOut(train_handle, chat_schema(config.packing, metadata))
-    validation = _ParquetOut(validation_handle, chat_schema(False, metadata))
+    train = ParquetOut(train_handle, chat_schema(config.packing, metadata))
+    validation = ParquetOut(validation_handle, chat_schema(False, metadata))
     packer = packing.Packer(config.max_length) if config.packing else None
     sample_html = ""
     train_tokens = 0
@@ -594,7 +228,7 @@ def _run_chat(
                 }
             )
 
-    _WORKER.update(
+    chat_encoding.WORKER.update(
         tokenizer=tokenizer,
         byte_level=ByteLevelEncoder.for_tokenizer(tokenizer),
         renderer=chat_templates.Renderer(tokenizer),
@@ -604,12 +238,12 @@ def _run_chat(
         fraction=config.validation_fraction,
         force_validation=force_validation,
         force_train=force_train,
-        unknown=unknown_token_id(tokenizer),
+        unknown=chat_templates.unknown_token_id(tokenizer),
     )
-    batches = _LineBatches(cleaned_path)
+    batches = chat_encoding.LineBatches(cleaned_path)
     progress = Progress("tokenize", max(1, round(batches.size / 1e6)), "MB")
     shown = time.perf_counter()
-    for results in parallel.ordered_map(_encode_chat_batch, batches, num_workers):
+    for results in parallel.ordered_map(chat_encoding.encode_chat_batch, batches, num_workers):
         if time.perf_counter() - shown >= _PROGRESS_SECONDS:
             shown = time.perf_counter()
             rate = report.tokens / progress.elapsed()
@@ -677,14 +311,14 @@ def _run_classification(
     report: TokenizeReport,
     label_map: dict[str, int],
 ) -> None:
-    validation_groups, label_map = _split_stratified(
+    validation_groups, label_map = split.split_stratified(
         cleaned_path, config.validation_fraction, label_map
     )
     report.label_map = label_map
     metadata = {LABEL_MAP_KEY: json.dumps(label_map, ensure_ascii=False)}
-    train = _ParquetOut(train_handle, classification_schema(metadata))
-    validation = _ParquetOut(validation_handle, classification_schema(metadata))
-    unknown = unknown_token_id(tokenizer)
+    train = ParquetOut(train_handle, classification_schema(metadata))
+    validation = ParquetOut(validation_handle, classification_schema(metadata))
+    unknown = chat_templates.unknown_token_id(tokenizer)
     for batch in _batches(cleaned_path):
         rows = []
         for row in batch:
@@ -734,7 +368,7 @@ def _run_classification(
                 "num_tokens": len(ids),
                 "text": row["text"],
             }
-            if (row.get("group") or row["id"])[:_GROUP_WIDTH] in validation_groups:
+            if (row.get("group") or row["id"])[: split.GROUP_WIDTH] in validation_groups:
                 report.validation_rows += 1
                 validation.add(out)
             else:
@@ -749,7 +383,7 @@ def _write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write tokenized chat rows (packed when they have position_ids) in one go."""
     packed = bool(rows) and "position_ids" in rows[0]
     with storage.atomic_file(path, "wb") as handle:
-        out = _ParquetOut(handle, chat_schema(packed, {}))
+        out = ParquetOut(handle, chat_schema(packed, {}))
         for row in rows:
             out.add(row)
         out.close()

@@ -28,6 +28,7 @@ from tokenizers import processors as post_processors
 from transformers import PreTrainedTokenizerFast
 
 from sftpipe.config import TokenizeConfig
+from sftpipe.data import chat_encoding
 from sftpipe.data.byte_level import (
     _CJK_PUNCTUATION,
     _CJK_WORD,
@@ -551,14 +552,14 @@ def test_the_stage_writes_the_same_bytes_with_and_without_the_encoder(
     request, tmp_path, monkeypatch, capsys, model
 ):
     model_dir = request.getfixturevalue(model)
-    monkeypatch.delitem(tokenize._WORKER, "warned", raising=False)  # warned once per process
+    monkeypatch.delitem(chat_encoding.WORKER, "warned", raising=False)  # warned once per process
     capsys.readouterr()
     fast = stage_output(tmp_path / "fast", model_dir)
-    assert tokenize._WORKER["byte_level"] is not None  # the encoder did the work
+    assert chat_encoding.WORKER["byte_level"] is not None  # the encoder did the work
     assert "disagrees" not in capsys.readouterr().out  # (and agreed with Rust on its probes)
     rust_only(monkeypatch)
     assert stage_output(tmp_path / "rust", model_dir) == fast
-    assert tokenize._WORKER["byte_level"] is None
+    assert chat_encoding.WORKER["byte_level"] is None
 
 
 def test_a_disagreeing_encoder_falls_back_to_rust(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -573,7 +574,7 @@ def test_a_disagreeing_encoder_falls_back_to_rust(tiny_model_dir, tmp_path, monk
         return encodings
 
     monkeypatch.setattr(ByteLevelEncoder, "encode_batch", off_by_one)
-    monkeypatch.delitem(tokenize._WORKER, "warned", raising=False)  # warned once per process
+    monkeypatch.delitem(chat_encoding.WORKER, "warned", raising=False)  # warned once per process
     capsys.readouterr()
     assert stage_output(tmp_path / "patched", tiny_model_dir) == expected
     assert "[tokenize] WARNING: the fast byte-level encoder disagrees" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftpipe.config import TokenizeConfig
+from sftpipe.data import chat_encoding
 from sftpipe.data.chat_templates import CHATML, Renderer, assistant_spans
 from sftpipe.data.tokenized import (
     IGNORE_INDEX,
@@ -247,7 +248,7 @@ def test_packed_train_and_plain_validation(tiny_model_dir, tmp_path):
 
 
 def test_worker_processes_give_the_bytes_of_one_process(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(tokenize, "_BATCH", 4)  # 16 batches: enough to start the workers
+    monkeypatch.setattr(chat_encoding, "BATCH", 4)  # 16 batches: enough to start the workers
     rows = [CONVERSATION, *chats(60)]
     config = TokenizeConfig(max_length=64, validation_fraction=0.3)
     outputs = []
@@ -260,7 +261,7 @@ def test_worker_processes_give_the_bytes_of_one_process(tiny_model_dir, tmp_path
 
 
 def test_long_runs_print_progress(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tokenize, "_BATCH", 8)
+    monkeypatch.setattr(chat_encoding, "BATCH", 8)
     monkeypatch.setattr(tokenize, "_PROGRESS_SECONDS", 0.0)  # a line after every batch
     run(tmp_path, tiny_model_dir, TokenizeConfig(max_length=64), chats(40), num_workers=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if "MB/s" in line]
