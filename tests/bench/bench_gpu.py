@@ -231,6 +231,7 @@ def matmul_parameters(model_dir: Path) -> int:
 def run_sftpipe(model_dir: Path, data: dict, args: argparse.Namespace, overrides: dict) -> dict:
     from sftpipe.config import TrainConfig
     from sftpipe.data.tokenized import read_parquet
+    from sftpipe.modeling import optim
     from sftpipe.stages import finetune
 
     config = TrainConfig.model_validate(
@@ -251,7 +252,7 @@ def run_sftpipe(model_dir: Path, data: dict, args: argparse.Namespace, overrides
     report = finetune.run(config, str(model_dir), data["train"], data["validation"], out)
     rows = read_parquet(data["train"])
     # The rows of each step: the same seeded order finetune drew them in.
-    order = finetune.shuffled_windows(rows, config.micro_batch_size, config.seed)
+    order = optim.shuffled_windows(rows, config.micro_batch_size, config.seed)
     steps = []
     for _ in range(report.steps):
         step_rows = next(order)

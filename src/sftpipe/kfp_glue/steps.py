@@ -31,6 +31,7 @@ from sftpipe.config import (
 )
 from sftpipe.errors import ERROR_FILE_ENV, SftpipeError, describe
 from sftpipe.kfp_glue import container, finetune_launch
+from sftpipe.modeling import training_report
 from sftpipe.stages import clean as clean_stage
 from sftpipe.stages import evaluate as evaluate_stage
 from sftpipe.stages import finetune as finetune_stage
@@ -402,7 +403,7 @@ def _train(
             config, base_model, train.path, validation.path, model.path, checkpoints, tracker.run_id
         )
         finetune_launch.launch(processes, args)
-        return finetune_stage.read_report(model.path)
+        return training_report.read_report(model.path)
     return finetune_stage.run(
         config, base_model, train.path, validation.path, model.path, tracker, checkpoints
     )

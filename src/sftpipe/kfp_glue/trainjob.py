@@ -42,7 +42,7 @@ from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
 
 if TYPE_CHECKING:  # torch: not needed to compile a pipeline with NodeSettings
-    from sftpipe.stages.finetune import TrainReport
+    from sftpipe.modeling.training_report import TrainReport
 
 SETTINGS_ENV = "SFTPIPE_TRAINJOB"  # NodeSettings as JSON, set on the finetune task at compile
 RUNTIME = "torch-distributed"
@@ -191,7 +191,7 @@ def train(
     from kubeflow.trainer import TrainerClient
 
     from sftpipe.kfp_glue import finetune_launch
-    from sftpipe.stages import finetune
+    from sftpipe.modeling import training_report
 
     settings = settings or NodeSettings.from_env()
     checkpoints = s3_uri(checkpoint_uri, "checkpoint_uri")
@@ -231,7 +231,7 @@ def train(
         )
         raise type(failed)(where, f"failed: {failed.problem}", failed.fix)
     _fetch(output_uri, Path(output_dir))
-    return finetune.read_report(output_dir)
+    return training_report.read_report(output_dir)
 
 
 @dataclass

@@ -25,6 +25,9 @@ It reads top to bottom as three phases around one `Training` object:
     setup(...) -> Training    data, model, optimizer and schedule; resume from a checkpoint
     train(training)           the loop: one optimizer step, log, validate, checkpoint
     export(training, output)  the best weights with the tokenizer and the report
+The pieces they use live in sftpipe.modeling: optim (AdamW, schedule, data order),
+training_model (load, place, check the model), training_report (report, early stopping) and
+training_resume (SIGTERM, restore a checkpoint).
 """
 
 from __future__ import annotations
@@ -33,11 +36,10 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,140 +50,29 @@ from sftpipe.config import TrainConfig
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
-from sftpipe.modeling import (
-    attention,
-    classify,
-    distributed,
-    dropout_attention,
-    lean_layers,
-    lm,
-    lora,
-    models,
-)
 from sftpipe.modeling import checkpoint as checkpoints
+from sftpipe.modeling import classify, distributed, lm, lora, models
 from sftpipe.modeling import device as placement
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.modeling.distributed import World
+from sftpipe.modeling.optim import build_optimizer, shuffled_windows
 from sftpipe.modeling.peak_flops import Peak, peak
+from sftpipe.modeling.training_model import Data, build_model, load_model
+from sftpipe.modeling.training_report import (
+    BEST_FILE,
+    TRAINING_LOG,
+    EarlyStopping,
+    StepResult,
+    Throughput,
+    TrainReport,
+)
+from sftpipe.modeling.training_resume import SigtermFlag, restore
 from sftpipe.progress import Progress, format_duration
-from sftpipe.tasks.base import Task
 from sftpipe.tracking.runs import BufferedTracker
-
-TRAINING_LOG = "sftpipe_training.json"  # history and summary, saved beside the weights
-BEST_FILE = "best.pt"  # the best weights so far (scratch space and checkpoints)
-
-
-@dataclass
-class TrainReport:
-    steps: int = 0
-    epochs: float = 0.0
-    train_loss: float = float("nan")
-    best_validation_loss: float = float("inf")
-    best_step: int = 0
-    stopped_early: bool = False
-    tokens: int = 0
-    loss_tokens: int = 0
-    tokens_per_second: float = 0.0
-    mfu: float = 0.0
-    seconds: float = 0.0
-    precision: str = "fp32"
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        skip = {"history", "precision"}
-        return {k: float(v) for k, v in asdict(self).items() if k not in skip}
-
-
-@dataclass
-class EarlyStopping:
-    """Tracks the best validation loss; `stop` turns true after `patience` validations in a
-    row without improvement (never when patience is 0)."""
-
-    patience: int
-    best: float = float("inf")
-    best_step: int = 0
-    stale: int = 0
-
-    def update(self, loss: float, step: int) -> bool:
-        """Record a validation loss; returns whether it is a new best."""
-        if loss < self.best:
-            self.best, self.best_step, self.stale = loss, step, 0
-            return True
-        self.stale += 1
-        return False
-
-    @property
-    def stop(self) -> bool:
-        return bool(self.patience) and self.stale >= self.patience
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases and norm weights (1-D tensors) keep their scale."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    keep = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
-
-
-def lr_factor(
-    step: int, total: int, warmup: int, floor: float = 0.1, shape: str = "cosine"
-) -> float:
-    """Linear warmup to 1, then cosine (or linear) decay to `floor` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    decay = 1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return floor + (1 - floor) * decay
-
-
-def shuffled_windows(
-    rows: Sequence[dict[str, Any]], size: int, seed: int
-) -> Iterator[list[dict[str, Any]]]:
-    """Endless windows of `size` rows (one optimizer step's data), drawn from consecutive epochs
-    in seed-determined orders. Every window is full, so every process gets its share."""
-    epoch, pending = 0, []
-    while True:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        pending += torch.randperm(len(rows), generator=generator).tolist()
-        while len(pending) >= size:
-            yield [rows[i] for i in pending[:size]]
-            pending = pending[size:]
-        epoch += 1
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """`print` for processes other than the main one."""
-
-
-class _SigtermFlag:
-    """Kubernetes sends SIGTERM before it kills a pod: note it, and let the loop checkpoint and
-    stop at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.set = False
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        print("[finetune] SIGTERM: stopping after this step", flush=True)
-        self.set = True
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
-@dataclass
-class Data:
-    """The tokenized splits and what they say about the task."""
-
-    train_rows: list[dict[str, Any]]
-    validation_rows: list[dict[str, Any]]
-    labels: dict[str, int] | None  # None: chat SFT of a causal LM
-    template: str  # the chat template tokenize rendered with (an override included)
-    where: str  # the training split's path, for error messages
-    task: Task  # chosen once from the data (sftpipe.tasks)
 
 
 @dataclass
@@ -218,7 +109,7 @@ class Training:
     scratch: tempfile.TemporaryDirectory
     early_stopping: EarlyStopping
     start_step: int = 0
-    sigterm: _SigtermFlag | None = None
+    sigterm: SigtermFlag | None = None
 
     @property
     def best_file(self) -> Path:
@@ -363,124 +254,6 @@ def check_options(config: TrainConfig, world: World, device: torch.device, data:
     return fsdp
 
 
-def _core(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def load_model(
-    config: TrainConfig,
-    model_dir: Path,
-    base_model: str,
-    labels: dict[str, int] | None,
-    device: torch.device,
-    task: Task,
-) -> Any:
-    """The model to train (or to export into): the base model for the task on `device`, with
-    gradient checkpointing and adapters as configured."""
-    model = task.load_for_training(config, model_dir, base_model, labels)
-    model = place(model, device) if config.method != "qlora" else model
-    if config.lean_layers:
-        lean_layers.apply(model)
-        dropout_attention.use(model)
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(
-            {"use_reentrant": False}, every_n_layers=config.gradient_checkpointing_every
-        )
-    if config.method in ("lora", "qlora"):
-        model = lora.apply(model, config, task.peft_task_type)
-    return model
-
-
-def place(model: Any, device: torch.device) -> Any:
-    """`model` moved to `device`; weights that alone do not fit are one line, not a CUDA
-    traceback (the full check, with gradients and optimizer state, follows in build_model)."""
-    try:
-        return model.to(device)
-    except torch.OutOfMemoryError:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        raise SftpipeError(
-            "finetune",
-            f"the model's weights alone ({weights / placement.GIB:.1f} GiB) do not fit "
-            f"{device} memory",
-            placement.MEMORY_OPTIONS,
-        ) from None
-
-
-def build_model(
-    config: TrainConfig,
-    model_dir: Path,
-    base_model: str,
-    data: Data,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    fsdp: bool,
-) -> Any:
-    """The model, placed (or sharded) and checked against the data."""
-    # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
-    # has to fit one GPU whole.
-    model = load_model(
-        config,
-        model_dir,
-        base_model,
-        data.labels,
-        torch.device("cpu") if fsdp else device,
-        data.task,
-    )
-    if fsdp:
-        distributed.shard(_core(model), device, dtype)
-    elif config.method != "qlora":
-        placement.check_memory(model, device)  # one line before the first step, not an OOM
-    if data.task.token_labels and device.type == "cuda":
-        # Packed rows through the flash varlen kernel: no per-forward mask (modeling/attention)
-        attention.use(_core(model))
-    # In place, so state_dict keys (checkpoints, export) stay those of the plain model; dynamic
-    # shapes, since every micro-batch has its own width. Block by block where the model has a
-    # block list: one compiled graph serves them all.
-    if config.compile and not placement.compile_blocks(model, dynamic=True):
-        _core(model).base_model.compile(dynamic=True)
-    check_data_fits_model(data.train_rows + data.validation_rows, model, data.where)
-    if "position_ids" in data.train_rows[0] and not lm.isolates_packed_samples(model, device):
-        raise SftpipeError(
-            data.where,
-            f"{type(model).__name__} lets packed samples attend to each other",
-            "tokenize with --no-packing for this model",
-        )
-    return model
-
-
-def check_data_fits_model(rows: Sequence[dict[str, Any]], model: Any, where: str) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    largest = max(max(row["input_ids"]) for row in rows)
-    if largest >= vocab:
-        raise SftpipeError(
-            where,
-            f"token id {largest} is outside the model's vocabulary ({vocab})",
-            "tokenize with the same base model you fine-tune",
-        )
-
-
-def build_optimizer(
-    config: TrainConfig, model: Any, fsdp: bool, total_steps: int
-) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and its warmup-then-decay schedule."""
-    optimizer = torch.optim.AdamW(
-        param_groups(distributed.sharded(model) if fsdp else model, config.weight_decay),
-        lr=config.learning_rate,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        # The fused kernel (CPU and CUDA) updates each tensor in one pass: 5.6x faster than
-        # foreach on this CPU for SmolLM2-sized weights and no temporaries (0.4 GB less peak).
-        # FSDP's sharded DTensor parameters keep the default implementation.
-        fused=not fsdp,
-    )
-    warmup = int(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, shape=config.lr_schedule)
-    )
-    return optimizer, scheduler
-
-
 def build_loss(t: Training) -> Any:
     """The task's loss as a module (DDP wraps it: its gradient hooks run through `forward`).
     What one unit of loss is differs: an assistant token for chat SFT, an example for
@@ -535,70 +308,10 @@ def resume_or_start(t: Training) -> None:
     shutil.rmtree(resume_dir, ignore_errors=True)
 
 
-def restore(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    best_file: Path,
-    world: World = distributed.SINGLE,
-) -> tuple[int, EarlyStopping, TrainReport]:
-    """Load a checkpoint written by `run` (with any strategy and number of processes) into the
-    model and optimizer, its best weights into `best_file` on the main process, and this rank's
-    random generators; returns the step, the early-stopping state and the report so far. Every
-    process calls it."""
-    weights = torch.load(folder / "model.pt", weights_only=True, mmap=True)
-    trainer = torch.load(folder / "trainer.pt", weights_only=True)
-    distributed.load_state(model, weights, optimizer, trainer["optimizer"])
-    if world.is_main:
-        if (folder / BEST_FILE).exists():
-            shutil.copyfile(folder / BEST_FILE, best_file)
-        else:  # the checkpoint's own weights were the best
-            torch.save(weights, best_file)
-    del weights
-    scheduler.load_state_dict(trainer["scheduler"])
-    scaler.load_state_dict(trainer["scaler"])
-    rng, exact = checkpoints.rank_rng_state(trainer["rng"], world.rank, world.size)
-    checkpoints.set_rng_state(rng)
-    if not exact and world.is_main:
-        print(
-            f"[finetune] the checkpoint was written by another number of processes: random "
-            f"draws (dropout) differ from an uninterrupted run on {world.size}",
-            flush=True,
-        )
-    state = json.loads((folder / "trainer_state.json").read_text())
-    return state["step"], EarlyStopping(**state["early_stopping"]), TrainReport(**state["report"])
-
-
-# === train ======================================================================================
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    tokens: int
-    loss_tokens: int
-    seconds: float
-
-
-@dataclass
-class Throughput:
-    """Tokens and seconds since the last log line (validation time is not counted)."""
-
-    seconds: float = 0.0
-    tokens: int = 0
-
-    def add(self, result: StepResult) -> None:
-        self.seconds += result.seconds
-        self.tokens += result.tokens
-
-
 def train(t: Training) -> None:
     """The loop: one optimizer step over a window of conversations, then, when due, a log
     line, a validation (which may stop early) and a checkpoint (which SIGTERM also asks for)."""
-    t.sigterm = _SigtermFlag()
+    t.sigterm = SigtermFlag()
     progress = Progress("finetune", t.total_steps - t.start_step, "steps")
     since_log = Throughput()
     t.model.train()
@@ -850,8 +563,3 @@ def export(t: Training, output_dir: str | Path) -> None:
                 "train_tokens_per_second": t.report.tokens_per_second,
             }
         )
-
-
-def read_report(output_dir: str | Path) -> TrainReport:
-    """The report `run` exported beside the weights."""
-    return TrainReport(**json.loads((Path(output_dir) / TRAINING_LOG).read_text()))

@@ -13,8 +13,9 @@ from sftpipe.data.tokenized import read_parquet
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import lm
 from sftpipe.modeling.models import load_causal_lm, load_tokenizer
+from sftpipe.modeling.optim import lr_factor
+from sftpipe.modeling.training_report import TRAINING_LOG, EarlyStopping
 from sftpipe.stages import finetune, tokenize
-from sftpipe.stages.finetune import TRAINING_LOG, EarlyStopping, lr_factor
 
 
 def weights(path):

@@ -10,6 +10,7 @@ import pytest
 from finetune_numerics import assert_same_training
 
 from sftpipe.config import TrainConfig
+from sftpipe.modeling.training_report import TRAINING_LOG
 from sftpipe.stages import finetune
 
 COMMON = dict(
@@ -59,5 +60,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, toke
     assert_same_training(
         tmp_path / "single", tmp_path / "ddp", tiny_model_dir, COMMON["max_steps"], window_tokens
     )
-    log = json.loads((tmp_path / "ddp" / finetune.TRAINING_LOG).read_text())
+    log = json.loads((tmp_path / "ddp" / TRAINING_LOG).read_text())
     assert log["best_validation_loss"] == pytest.approx(report.best_validation_loss, abs=1e-4)

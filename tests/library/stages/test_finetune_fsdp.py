@@ -7,6 +7,7 @@ from finetune_numerics import assert_same_training
 
 from sftpipe.config import TrainConfig
 from sftpipe.kfp_glue import finetune_launch
+from sftpipe.modeling import training_report
 from sftpipe.modeling.checkpoint import CheckpointStore
 from sftpipe.stages import finetune
 
@@ -30,7 +31,7 @@ def _launch_fsdp(config, tiny_model_dir, tokenized, output, capfd, checkpoint_ur
     out = capfd.readouterr().out
     assert "on 2xcpu" in out
     assert out.count("[finetune] done:") == 1  # only the main process reports
-    return finetune.read_report(output)
+    return training_report.read_report(output)
 
 
 def _assert_same_weights(one_dir, two_dir, base_dir):

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
 from sftpipe.errors import SftpipeError
+from sftpipe.modeling import training_model
 from sftpipe.modeling.lora import ADAPTER_DIR
 from sftpipe.stages import finetune
 from sftpipe.tasks import chat
@@ -70,7 +71,9 @@ def test_checkpointing_every_nth_block(tiny_model_dir):
 
     config = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every=2)
     cpu = torch.device("cpu")
-    model = finetune.load_model(config, tiny_model_dir, str(tiny_model_dir), None, cpu, chat.TASK)
+    model = training_model.load_model(
+        config, tiny_model_dir, str(tiny_model_dir), None, cpu, chat.TASK
+    )
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(blocks) >= 2
     assert [b.gradient_checkpointing for b in blocks] == [i % 2 == 0 for i in range(len(blocks))]
@@ -96,5 +99,5 @@ def test_weights_that_alone_do_not_fit_the_device_are_one_line():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
     with pytest.raises(SftpipeError, match=r"weights alone \(0.0 GiB\) do not fit") as caught:
-        finetune.place(TooBig(4, 4), torch.device("cpu"))
+        training_model.place(TooBig(4, 4), torch.device("cpu"))
     assert "\n" not in str(caught.value) and "--method lora or qlora" in str(caught.value)

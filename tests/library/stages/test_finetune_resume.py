@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from sftpipe.config import TrainConfig
 from sftpipe.kfp_glue import finetune_launch
 from sftpipe.modeling.checkpoint import CheckpointStore
+from sftpipe.modeling.training_report import TRAINING_LOG
 from sftpipe.stages import finetune
 
 CONFIG = dict(
@@ -86,7 +87,7 @@ def test_sigkill_then_resume_gives_identical_weights(
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
-    log = json.loads((tmp_path / "resumed" / finetune.TRAINING_LOG).read_text())
+    log = json.loads((tmp_path / "resumed" / TRAINING_LOG).read_text())
     assert log["steps"] == 60
     assert len(store.complete_steps()) <= 2
 
