@@ -252,12 +252,27 @@ class TokenizeConfig(Section):
         description="Pack training conversations into max_length rows (best-fit decreasing, "
         "position_ids restart per conversation); validation stays one conversation per row.",
     )
+    extend_vocabulary: int = Field(
+        0,
+        ge=0,
+        description="Classification: add each character that the tokenizer can only encode as "
+        "its unknown token and that occurs at least this many times in the training texts as a "
+        "new token (0: off). For a tokenizer that does not cover the data's script (an English "
+        "encoder on Chinese); finetune learns the new embeddings (see embedding_learning_rate).",
+    )
 
 
 class TrainConfig(Section):
     """finetune: full or adapter fine-tuning (chat SFT or classification), checkpoints."""
 
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
+    embedding_learning_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Peak learning rate of the input embeddings (0: learning_rate); tokens added "
+        "by extend_vocabulary start untrained and need a higher one than the pretrained weights.",
+    )
     num_epochs: float = Field(1.0, gt=0.0, description="Passes over the training set.")
     max_steps: int = Field(
         0, ge=0, description="Stop after this many optimizer steps (0: run num_epochs)."

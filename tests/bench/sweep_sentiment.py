@@ -33,13 +33,15 @@ BACKBONES = {
 }
 
 
-def splits(work: Path, backbone: str, base: Path, max_length: int) -> tuple[Path, Path]:
-    """Cleaned once, tokenized once per (backbone, max_length)."""
+def splits(
+    work: Path, backbone: str, base: Path, max_length: int, extend_vocabulary: int
+) -> tuple[Path, Path]:
+    """Cleaned once, tokenized once per (backbone, max_length, extend_vocabulary)."""
     cleaned = work / "cleaned.jsonl"
     if not cleaned.exists():
         data = demo_sentiment.prepare_sentiment_data(local.cache_dir())
         clean.run(DataConfig(data_uri=str(data)), cleaned, work / "clean-quarantine.jsonl")
-    folder = work / f"{backbone}-{max_length}"
+    folder = work / f"{backbone}-{max_length}" / f"extend-{extend_vocabulary}"
     train, validation = folder / "train.parquet", folder / "validation.parquet"
     if not validation.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,7 @@ def splits(work: Path, backbone: str, base: Path, max_length: int) -> tuple[Path
             TokenizeConfig(
                 max_length=max_length,
                 validation_fraction=demo_sentiment.PRESET["validation_fraction"],
+                extend_vocabulary=extend_vocabulary,
             ),
             str(base),
             cleaned,
@@ -66,6 +69,7 @@ def score(model_dir: Path, labels: dict[str, int], rows: list, base: bool) -> di
         else classify.load_model(model_dir, labels, str(model_dir))
     )
     names = evaluate_classifier.names_of(labels)
+    rows = evaluate_classifier.for_tokenizer(rows, tokenizer)  # the base lacks added tokens
     return evaluate_classifier.score_classifier(
         model, tokenizer, rows, names, EvalConfig(), device, None, "base" if base else "tuned"
     ).metrics
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--extend-vocabulary", type=int, default=0)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--extra", default="{}", help="more TrainConfig fields as JSON")
@@ -89,11 +94,15 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     base = Path(BACKBONES[args.backbone]())
-    train, validation = splits(work, args.backbone, base, args.max_length)
+    train, validation = splits(work, args.backbone, base, args.max_length, args.extend_vocabulary)
     labels = tokenized.read_label_map(validation)
     rows = tokenized.read_parquet(validation)
     spec = RegisterConfig().gate_spec(evaluate_classifier.TASK.default_gate)
-    common = {"backbone": args.backbone, "max_length": args.max_length}
+    common = {
+        "backbone": args.backbone,
+        "max_length": args.max_length,
+        "extend_vocabulary": args.extend_vocabulary,
+    }
     record: dict = {}
     if not args.skip_base:
         base_metrics = score(base, labels, rows, base=True)

@@ -1,7 +1,9 @@
 """Fixtures shared by the library tests."""
 
+import json
+
 import pytest
-from fixtures.classification import build_encoder, write_split
+from fixtures.classification import build_encoder, unknown_script_reviews, write_split
 from fixtures.data import tokenize_chats
 from transformers import AutoTokenizer
 
@@ -44,4 +46,42 @@ def tuned_classifier(encoder, splits, tmp_path_factory):
         max_steps=40, learning_rate=1e-2, micro_batch_size=16, eval_every=10, precision="fp32"
     )
     finetune.run(config, str(encoder), *splits, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder(tmp_path_factory):
+    """A tiny random-init BERT with the real all-MiniLM-L6-v2 tokenizer (English WordPiece:
+    most Chinese characters are its [UNK])."""
+    from sftpipe.apps.demo_sentiment import encoder_dir
+
+    return build_encoder(encoder_dir(), tmp_path_factory.mktemp("minilm-encoder"))
+
+
+@pytest.fixture(scope="session")
+def unknown_script_splits(minilm_encoder, tmp_path_factory):
+    """160 Chinese reviews (`unknown_script_reviews`) tokenized by tokenize with MiniLM's
+    tokenizer, as they are ("plain") and with extend_vocabulary=2 ("extended"):
+    {kind: (train, validation, report)}."""
+    from sftpipe.config import TokenizeConfig
+    from sftpipe.stages import tokenize
+
+    folder = tmp_path_factory.mktemp("unknown-script")
+    cleaned = folder / "cleaned.jsonl"
+    rows = unknown_script_reviews(160, seed=3)
+    cleaned.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    out = {}
+    for kind, extend in (("plain", 0), ("extended", 2)):
+        train, validation = folder / f"{kind}-train.parquet", folder / f"{kind}-val.parquet"
+        config = TokenizeConfig(max_length=16, validation_fraction=0.25, extend_vocabulary=extend)
+        report = tokenize.run(
+            config,
+            str(minilm_encoder),
+            cleaned,
+            train,
+            validation,
+            folder / f"{kind}-quarantine.jsonl",
+            label_map="negative,positive",
+        )
+        out[kind] = (train, validation, report)
     return out

@@ -109,6 +109,7 @@ PACKED_COLUMNS = (*TOKENIZED_COLUMNS, "position_ids", "num_samples")
 CLASSIFICATION_COLUMNS = ("id", "input_ids", "label", "num_tokens", "text")
 LABEL_MAP_KEY = "sftpipe.label_map"
 CHAT_TEMPLATE_KEY = "sftpipe.chat_template"
+ADDED_TOKENS_KEY = "sftpipe.added_tokens"  # vocabulary extension (sftpipe.data.vocabulary)
 
 
 class Rejected(Exception):

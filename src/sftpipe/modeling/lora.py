@@ -59,10 +59,15 @@ def check_method(config: TrainConfig, device: torch.device) -> None:
         )
 
 
-def apply(model: Any, config: TrainConfig, task_type: str = "CAUSAL_LM") -> Any:
+def apply(
+    model: Any, config: TrainConfig, task_type: str = "CAUSAL_LM", train_embeddings: bool = False
+) -> Any:
     """Wrap `model` with trainable adapters; only adapter weights (and, for SEQ_CLS, the new
-    classification head) keep requires_grad."""
+    classification head; with `train_embeddings`, the input embeddings) keep requires_grad."""
     from peft import LoraConfig, get_peft_model
+
+    embeddings = model.get_input_embeddings()
+    embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
 
     lora = LoraConfig(
         r=config.lora_rank,
@@ -71,6 +76,7 @@ def apply(model: Any, config: TrainConfig, task_type: str = "CAUSAL_LM") -> Any:
         target_modules=target_modules(config, model),
         use_dora=config.use_dora,
         task_type=task_type,
+        modules_to_save=[embedding_name.rsplit(".", 1)[-1]] if train_embeddings else None,
     )
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,11 +13,25 @@ from sftpipe.config import TrainConfig
 from sftpipe.modeling import distributed
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases and norm weights (1-D tensors) keep their scale."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    keep = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, embedding_lr: float = 0.0
+) -> list[dict[str, Any]]:
+    """Decay matrices only: biases and norm weights (1-D tensors) keep their scale. With
+    `embedding_lr`, the input embeddings form a group of their own at that learning rate."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    embedding_ids = set()
+    if embedding_lr:
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]
+        embedding_ids = {id(p) for p in embeddings.parameters() if p.requires_grad}
+    rest = [p for p in trainable if id(p) not in embedding_ids]
+    groups = [
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if embedding_ids:
+        embedding = [p for p in trainable if id(p) in embedding_ids]
+        groups.append({"params": embedding, "weight_decay": weight_decay, "lr": embedding_lr})
+    return groups
 
 
 def lr_factor(
@@ -36,7 +50,11 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW and its warmup-then-decay schedule."""
     optimizer = torch.optim.AdamW(
-        param_groups(distributed.sharded(model) if fsdp else model, config.weight_decay),
+        param_groups(
+            distributed.sharded(model) if fsdp else model,
+            config.weight_decay,
+            config.embedding_learning_rate,
+        ),
         lr=config.learning_rate,
         betas=(0.9, 0.95),
         eps=1e-8,

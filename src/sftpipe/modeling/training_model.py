@@ -5,13 +5,14 @@ checkpointing as configured, and checked against the token ids of the data."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sftpipe.config import TrainConfig
+from sftpipe.data import vocabulary
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import attention, distributed, dropout_attention, lean_layers, lm, lora
 from sftpipe.modeling import device as placement
@@ -28,6 +29,7 @@ class Data:
     template: str  # the chat template tokenize rendered with (an override included)
     where: str  # the training split's path, for error messages
     task: Task  # chosen once from the data (sftpipe.tasks)
+    added_tokens: list[str] = field(default_factory=list)  # tokenize's extend_vocabulary
 
 
 def _core(model: Any) -> Any:
@@ -42,10 +44,14 @@ def load_model(
     labels: dict[str, int] | None,
     device: torch.device,
     task: Task,
+    vocab_size: int = 0,
 ) -> Any:
     """The model to train (or to export into): the base model for the task on `device`, with
-    gradient checkpointing and adapters as configured."""
+    gradient checkpointing and adapters as configured, and input embeddings grown to
+    `vocab_size` rows (tokens added by tokenize's extend_vocabulary; 0: as they are)."""
     model = task.load_for_training(config, model_dir, base_model, labels)
+    if vocab_size:
+        vocabulary.grow_embeddings(model, vocab_size)
     model = place(model, device) if config.method != "qlora" else model
     if config.lean_layers:
         lean_layers.apply(model)
@@ -55,7 +61,8 @@ def load_model(
             {"use_reentrant": False}, every_n_layers=config.gradient_checkpointing_every
         )
     if config.method in ("lora", "qlora"):
-        model = lora.apply(model, config, task.peft_task_type)
+        # New tokens' embeddings start untrained: with adapters they train in full.
+        model = lora.apply(model, config, task.peft_task_type, train_embeddings=bool(vocab_size))
     return model
 
 
@@ -82,6 +89,7 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype | None,
     fsdp: bool,
+    vocab_size: int = 0,
 ) -> Any:
     """The model, placed (or sharded) and checked against the data."""
     # FSDP: load on the CPU; sharding moves each rank's shards to the GPU, so the model never
@@ -93,6 +101,7 @@ def build_model(
         data.labels,
         torch.device("cpu") if fsdp else device,
         data.task,
+        vocab_size,
     )
     if fsdp:
         distributed.shard(_core(model), device, dtype)

@@ -47,6 +47,7 @@ import torch
 
 from sftpipe import storage, tasks
 from sftpipe.config import TrainConfig
+from sftpipe.data import vocabulary
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY
 from sftpipe.data.tokenized import read_parquet, schema_metadata
 from sftpipe.errors import SftpipeError
@@ -166,8 +167,11 @@ def setup(
     tokenizer = models.load_tokenizer(
         model_dir, base_model, data.template, chat=data.task.chat_template
     )
+    vocabulary.extend(tokenizer, data.added_tokens)
     fsdp = check_options(config, world, device, data)
-    model = build_model(config, model_dir, base_model, data, device, dtype, fsdp)
+    model = build_model(
+        config, model_dir, base_model, data, device, dtype, fsdp, _vocab_size(tokenizer, data)
+    )
 
     window = config.micro_batch_size * config.gradient_accumulation_steps * world.size
     steps_per_epoch = math.ceil(len(data.train_rows) / window)
@@ -234,7 +238,13 @@ def read_data(train_path: str | Path, validation_path: str | Path) -> Data:
         schema_metadata(train_path).get(CHAT_TEMPLATE_KEY, ""),
         str(train_path),
         tasks.of_tokenized(train_path),
+        vocabulary.added_tokens(schema_metadata(train_path)),
     )
+
+
+def _vocab_size(tokenizer: Any, data: Data) -> int:
+    """The embedding rows the model needs for tokenize's added tokens (0: none added)."""
+    return len(tokenizer) if data.added_tokens else 0
 
 
 def check_options(config: TrainConfig, world: World, device: torch.device, data: Data) -> bool:
@@ -546,7 +556,13 @@ def export(t: Training, output_dir: str | Path) -> None:
         # An FSDP model is sharded across the processes: export from a plain copy on the CPU.
         final = (
             load_model(
-                t.config, t.model_dir, t.base_model, t.data.labels, torch.device("cpu"), t.data.task
+                t.config,
+                t.model_dir,
+                t.base_model,
+                t.data.labels,
+                torch.device("cpu"),
+                t.data.task,
+                _vocab_size(t.tokenizer, t.data),
             )
             if t.fsdp
             else t.model

@@ -39,7 +39,15 @@ from typing import Any
 
 from sftpipe import storage, tasks
 from sftpipe.config import TokenizeConfig
-from sftpipe.data import chat_encoding, chat_templates, packing, parallel, records, split
+from sftpipe.data import (
+    chat_encoding,
+    chat_templates,
+    packing,
+    parallel,
+    records,
+    split,
+    vocabulary,
+)
 from sftpipe.data.byte_level import ByteLevelEncoder
 from sftpipe.data.schemas import CHAT_TEMPLATE_KEY, LABEL_MAP_KEY, Reason
 from sftpipe.data.tokenized import (
@@ -72,6 +80,7 @@ class TokenizeReport:
     template_errors: int = 0
     unknown_labels: int = 0
     unknown_tokens: int = 0  # the tokenizer's unknown token ([UNK]): text it cannot represent
+    added_tokens: int = 0  # extend_vocabulary's new tokens (sftpipe.data.vocabulary)
     packing_efficiency: float = 0.0
     unpacked_efficiency: float = 0.0
     seconds: float = 0.0
@@ -91,7 +100,7 @@ class TokenizeReport:
             f"{self.unknown_token_fraction:.1%} of the tokens are the tokenizer's unknown token: "
             "its vocabulary does not cover this text (another script or language?); the model "
             "sees those characters as one and the same token. Pick a base model whose "
-            "tokenizer covers the data"
+            "tokenizer covers the data, or add them with --extend-vocabulary 2 (classification)"
         )
 
     def metrics(self) -> dict[str, float]:
@@ -135,6 +144,12 @@ def run(
     if first is None:
         raise SftpipeError(where, "no rows to tokenize", "check the clean step's output")
     task = tasks.of_cleaned(first[1])
+    if config.extend_vocabulary and task.chat_template:
+        raise SftpipeError(
+            "extend_vocabulary",
+            "adds tokens for classification texts only",
+            "leave it 0 for conversations (a chat model's byte-level tokenizer spells any text)",
+        )
     model_dir = models.fetch(base_model, weights=False)
     # An encoder for classification has no chat template, and needs none.
     tokenizer = models.load_tokenizer(model_dir, base_model, template, chat=task.chat_template)
@@ -316,6 +331,24 @@ def _run_classification(
     )
     report.label_map = label_map
     metadata = {LABEL_MAP_KEY: json.dumps(label_map, ensure_ascii=False)}
+    if config.extend_vocabulary:
+        training_texts = (
+            str(row["text"])
+            for batch in _batches(cleaned_path)
+            for row in batch
+            if str(row["label"]) in label_map
+            and (row.get("group") or row["id"])[: split.GROUP_WIDTH] not in validation_groups
+        )
+        added = vocabulary.unknown_characters(tokenizer, training_texts, config.extend_vocabulary)
+        vocabulary.extend(tokenizer, added)
+        metadata |= vocabulary.metadata_of(added)
+        report.added_tokens = len(added)
+        print(
+            f"[tokenize] extend_vocabulary: {len(added)} characters the tokenizer could only "
+            f"encode as its unknown token (seen >= {config.extend_vocabulary} times in the "
+            "training texts) added as new tokens",
+            flush=True,
+        )
     train = ParquetOut(train_handle, classification_schema(metadata))
     validation = ParquetOut(validation_handle, classification_schema(metadata))
     unknown = chat_templates.unknown_token_id(tokenizer)

@@ -91,7 +91,8 @@ def score_classifier(
 
 
 def for_tokenizer(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    """The rows tokenized by `tokenizer` (a champion with another vocabulary), same length cap."""
+    """The rows tokenized by `tokenizer` (a champion or base model with another vocabulary),
+    same length cap."""
     budget = max((len(row["input_ids"]) for row in rows), default=1)
     encoded = tokenizer(
         [row["text"] for row in rows],
@@ -200,15 +201,28 @@ class ClassificationTask:
         tokenizer = models.load_tokenizer(tuned_dir, str(tuned_dir), chat=False)
         base_dir = models.fetch(base_model)
         base_digest = model_digest(base_dir)
+        # The base model reads the texts with its own tokenizer: the tuned one may have more
+        # tokens (tokenize's extend_vocabulary), which the base embeddings do not have.
+        base_tokenizer = models.load_tokenizer(base_dir, base_model, chat=False)
 
         scores: dict[str, ClassifierScores] = {}
-        for name, load in (
-            ("base", lambda: load_base_classifier(base_dir, labels, base_model)),
-            ("tuned", lambda: classify.load_model(tuned_dir, labels, str(tuned_dir))),
+        for name, load, its_tokenizer, its_rows in (
+            (
+                "base",
+                lambda: load_base_classifier(base_dir, labels, base_model),
+                base_tokenizer,
+                for_tokenizer(rows, base_tokenizer),
+            ),
+            (
+                "tuned",
+                lambda: classify.load_model(tuned_dir, labels, str(tuned_dir)),
+                tokenizer,
+                rows,
+            ),
         ):
             model = load()
             scores[name] = score_classifier(
-                model, tokenizer, rows, names, config, device, dtype, name
+                model, its_tokenizer, its_rows, names, config, device, dtype, name
             )
             del model
         true = np.array([row["label"] for row in rows], dtype=np.int64)

@@ -83,3 +83,24 @@ def test_rows_follow_another_tokenizer(splits, tiny_model_dir, encoder):
     shifted = [row | {"input_ids": [1, *row["input_ids"]]} for row in rows]
     again = classification.for_tokenizer(shifted, same)
     assert [r["input_ids"] for r in again] == [r["input_ids"] for r in rows]
+
+
+def test_base_reads_the_texts_with_its_own_vocabulary(
+    minilm_encoder, unknown_script_splits, tmp_path, capsys
+):
+    """A model tuned with added tokens (extend_vocabulary): the base model has no embeddings
+    for them, so it scores the texts re-tokenized with its own tokenizer."""
+    from sftpipe.config import TrainConfig
+    from sftpipe.stages import finetune
+
+    train, validation, _ = unknown_script_splits["extended"]
+    config = TrainConfig(
+        max_steps=30, learning_rate=1e-2, embedding_learning_rate=3e-2, micro_batch_size=16
+    )
+    finetune.run(config, str(minilm_encoder), train, validation, tmp_path / "tuned")
+    outcome = evaluate.run(
+        CONFIG, GATE, str(minilm_encoder), tmp_path / "tuned", validation, tmp_path / "r.html"
+    )
+    assert "re-tokenizing the evaluation texts" in capsys.readouterr().out
+    assert outcome.metrics["tuned_macro_f1"] >= 0.9 > outcome.metrics["base_macro_f1"]
+    assert outcome.decision.passed

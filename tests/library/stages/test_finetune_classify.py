@@ -10,8 +10,10 @@ from fixtures.classification import write_split
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sftpipe.config import TrainConfig
+from sftpipe.data import vocabulary
+from sftpipe.data.tokenized import schema_metadata
 from sftpipe.errors import SftpipeError
-from sftpipe.modeling import classify
+from sftpipe.modeling import classify, optim
 from sftpipe.stages import finetune
 
 
@@ -120,3 +122,51 @@ def test_same_seed_and_config_give_identical_weights_and_losses(encoder, splits,
     ]
     weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in "ab"]
     assert weights[0] == weights[1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "method"), [("extended", "full"), ("extended", "lora"), ("plain", "full")]
+)
+def test_added_tokens_are_learned_and_exported(
+    minilm_encoder, unknown_script_splits, tmp_path, kind, method
+):
+    """The label sits only in characters MiniLM's vocabulary lacks: as [UNK] nothing tells the
+    classes apart; with tokenize's extend_vocabulary the grown embeddings learn them (with
+    LoRA too: the embeddings then train in full and are merged into the export)."""
+    train, validation, _ = unknown_script_splits[kind]
+    config = TrainConfig(
+        method=method,
+        max_steps=40,
+        learning_rate=1e-2,
+        embedding_learning_rate=3e-2,
+        micro_batch_size=16,
+        eval_every=10,
+        precision="fp32",
+        lora_target_modules="query,value",
+    )
+    out = tmp_path / "out"
+    finetune.run(config, str(minilm_encoder), train, validation, out)
+    added = vocabulary.added_tokens(schema_metadata(train))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    base_size = len(AutoTokenizer.from_pretrained(minilm_encoder))
+    assert len(tokenizer) == model.get_input_embeddings().num_embeddings == base_size + len(added)
+    # The exported tokenizer encodes the texts as tokenize did.
+    rows = pq.read_table(validation).to_pylist()
+    assert [tokenizer(r["text"])["input_ids"] for r in rows] == [r["input_ids"] for r in rows]
+    majority = max(sum(r["label"] for r in rows), sum(1 - r["label"] for r in rows)) / len(rows)
+    if kind == "plain":
+        assert accuracy(out, validation) <= majority + 0.1
+    else:
+        assert accuracy(out, validation) >= 0.9 > majority + 0.1
+
+
+def test_embeddings_get_their_own_learning_rate(encoder):
+    model = classify.load_model(encoder, {"negative": 0, "positive": 1})
+    embedding = model.get_input_embeddings().weight
+    groups = optim.param_groups(model, 0.1, embedding_lr=5e-2)
+    assert [g["params"] for g in groups if g.get("lr") == 5e-2] == [[embedding]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert all(all(p is not embedding for p in g["params"]) for g in groups[:2])
+    assert len(optim.param_groups(model, 0.1)) == 2
