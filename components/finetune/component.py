@@ -9,6 +9,7 @@ def finetune(
     validation: Input[Dataset],
     base_model: str,
     learning_rate: float,
+    embedding_learning_rate: float,
     num_epochs: float,
     max_steps: int,
     micro_batch_size: int,

@@ -13,6 +13,7 @@ def tokenize(
     validation_fraction: float,
     chat_template: str,
     packing: bool,
+    extend_vocabulary: int,
     label_map: str,
     num_workers: int,
     mlflow_experiment: str,
