@@ -21,6 +21,7 @@ def finetune(
     seed: int,
     eval_every: int,
     early_stopping_patience: int,
+    export_best: bool,
     precision: str,
     log_every: int,
     method: str,

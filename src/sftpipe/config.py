@@ -20,7 +20,14 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sftpipe.errors import SftpipeError
 from sftpipe.evaluation import gate, metrics
@@ -311,6 +318,12 @@ class TrainConfig(Section):
         description="Stop after this many validations without improvement (0: never); "
         "the best model is the one exported.",
     )
+    export_best: bool = Field(
+        True,
+        description="Export the weights of the validation with the lowest loss; off: those of "
+        "the last step (a fixed training budget, nothing selected on the validation set that "
+        "evaluate scores; needs early_stopping_patience 0).",
+    )
     precision: Precision = Field(
         "auto",
         description="Compute precision: auto picks bf16 autocast on CUDA with bf16 or on CPUs "
@@ -388,6 +401,16 @@ class TrainConfig(Section):
         "TrainJob with that many nodes and waits for it (needs s3:// pipeline root and "
         "checkpoint_uri).",
     )
+
+    @model_validator(mode="after")
+    def _last_weights_without_early_stop(self) -> typing.Self:
+        # Early stopping ends training after validations that got worse: the last weights
+        # would then be the worse ones.
+        if not self.export_best and self.early_stopping_patience:
+            raise ValueError(
+                "export_best off exports the last step's weights: set early_stopping_patience 0"
+            )
+        return self
 
 
 class EvalConfig(Section):

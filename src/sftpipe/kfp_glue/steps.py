@@ -358,7 +358,10 @@ def finetune(params: dict[str, Any], train: Any, validation: Any, model: Any, me
     with tracker.system_metrics(), retries.fail_fast(_run_folder(config, params), "finetune"):
         report = _train(params, config, base.base_model, train, validation, model, tracker)
     model.metadata.update(
-        base_model=base.base_model, best_step=report.best_step, framework="transformers"
+        base_model=base.base_model,
+        best_step=report.best_step,
+        exported_step=report.exported_step,
+        framework="transformers",
     )
     _record(metrics, tracker, "finetune", report.metrics())
     from sftpipe.evaluation.report import loss_curve_png

@@ -19,6 +19,7 @@ class TrainReport:
     train_loss: float = float("nan")
     best_validation_loss: float = float("inf")
     best_step: int = 0
+    exported_step: int = 0  # best_step, or the last step with export_best off
     stopped_early: bool = False
     tokens: int = 0
     loss_tokens: int = 0

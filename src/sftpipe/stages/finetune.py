@@ -341,6 +341,8 @@ def train(t: Training) -> None:
         checkpoint_or_stop(t, step)
     t.sigterm.restore()
     t.report.seconds += since_log.seconds  # training time only; validation is not counted
+    if not t.config.export_best:
+        save_best(t)  # the last step's weights are the ones exported
     finish_report(t, progress)
 
 
@@ -533,13 +535,15 @@ def finish_report(t: Training, progress: Progress) -> None:
     report = t.report
     report.best_validation_loss = t.early_stopping.best
     report.best_step = t.early_stopping.best_step
+    report.exported_step = report.best_step if t.config.export_best else report.steps
     report.tokens_per_second = report.tokens / report.seconds if report.seconds else 0.0
     report.mfu = t.flops_per_token * report.tokens_per_second / t.peak.flops
     report.epochs = report.steps * t.window / len(t.data.train_rows)
     t.log(
         f"[finetune] done: {report.steps} steps in {format_duration(progress.elapsed())}, "
         f"{report.tokens_per_second:.0f} tok/s (MFU {report.mfu:.1%}), best validation loss "
-        f"{report.best_validation_loss:.4f} (step {report.best_step})",
+        f"{report.best_validation_loss:.4f} (step {report.best_step}); exporting the weights of "
+        f"step {report.exported_step}",
         flush=True,
     )
 

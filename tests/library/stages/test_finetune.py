@@ -9,7 +9,7 @@ from fixtures.data import tokenize_chats
 from safetensors.torch import load_file
 
 from sftpipe.config import TrainConfig
-from sftpipe.data.tokenized import read_parquet
+from sftpipe.data.tokenized import read_label_map, read_parquet
 from sftpipe.errors import SftpipeError
 from sftpipe.modeling import lm
 from sftpipe.modeling.models import load_causal_lm, load_tokenizer
@@ -97,6 +97,44 @@ def test_training_lowers_validation_loss_and_exports_best(tiny_model_dir, tokeni
     )
     assert loss == pytest.approx(report.best_validation_loss, rel=1e-3)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_export_best_off_exports_the_last_step(minilm_encoder, unknown_script_splits, tmp_path):
+    """A fixed budget: the last step's weights, even when an earlier validation was better.
+    The "plain" reviews' labels are [UNK] to this encoder: what it fits is noise, and the last
+    validation is worse than an earlier one."""
+    from sftpipe.modeling import classify
+
+    train, validation, _ = unknown_script_splits["plain"]
+    config = TrainConfig(
+        max_steps=24,
+        learning_rate=1e-2,
+        micro_batch_size=16,
+        eval_every=8,
+        precision="fp32",
+        early_stopping_patience=0,
+        export_best=False,
+    )
+    report = finetune.run(config, str(minilm_encoder), train, validation, tmp_path / "out")
+    last = [h for h in report.history if "validation_loss" in h][-1]
+    assert report.best_step < report.steps == report.exported_step == last["step"] == 24
+    loss = classify.mean_loss(
+        classify.load_model(tmp_path / "out", read_label_map(validation)),
+        read_parquet(validation),
+        load_tokenizer(tmp_path / "out", chat=False).pad_token_id,
+        8,
+        torch.device("cpu"),
+        None,
+    )
+    assert loss == pytest.approx(last["validation_loss"], rel=1e-4)
+    assert loss > report.best_validation_loss * (1 + 1e-3)
+    logged = json.loads((tmp_path / "out" / TRAINING_LOG).read_text())
+    assert logged["exported_step"] == 24
+
+
+def test_export_best_off_refuses_early_stopping():
+    with pytest.raises(ValueError, match="set early_stopping_patience 0"):
+        TrainConfig(export_best=False)
 
 
 def test_early_stopping_patience():
