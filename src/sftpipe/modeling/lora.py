@@ -66,9 +66,10 @@ def apply(
     classification head; with `train_embeddings`, the input embeddings) keep requires_grad."""
     from peft import LoraConfig, get_peft_model
 
-    embeddings = model.get_input_embeddings()
-    embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
-
+    saved = None
+    if train_embeddings:  # peft finds modules_to_save by the last part of their names
+        embeddings = model.get_input_embeddings()
+        saved = [next(n for n, m in model.named_modules() if m is embeddings).rsplit(".", 1)[-1]]
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -76,7 +77,7 @@ def apply(
         target_modules=target_modules(config, model),
         use_dora=config.use_dora,
         task_type=task_type,
-        modules_to_save=[embedding_name.rsplit(".", 1)[-1]] if train_embeddings else None,
+        modules_to_save=saved,
     )
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

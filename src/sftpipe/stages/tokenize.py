@@ -331,24 +331,18 @@ def _run_classification(
     )
     report.label_map = label_map
     metadata = {LABEL_MAP_KEY: json.dumps(label_map, ensure_ascii=False)}
+
+    def in_validation(row: dict[str, Any]) -> bool:
+        return (row.get("group") or row["id"])[: split.GROUP_WIDTH] in validation_groups
+
     if config.extend_vocabulary:
         training_texts = (
             str(row["text"])
             for batch in _batches(cleaned_path)
             for row in batch
-            if str(row["label"]) in label_map
-            and (row.get("group") or row["id"])[: split.GROUP_WIDTH] not in validation_groups
+            if str(row["label"]) in label_map and not in_validation(row)
         )
-        added = vocabulary.unknown_characters(tokenizer, training_texts, config.extend_vocabulary)
-        vocabulary.extend(tokenizer, added)
-        metadata |= vocabulary.metadata_of(added)
-        report.added_tokens = len(added)
-        print(
-            f"[tokenize] extend_vocabulary: {len(added)} characters the tokenizer could only "
-            f"encode as its unknown token (seen >= {config.extend_vocabulary} times in the "
-            "training texts) added as new tokens",
-            flush=True,
-        )
+        metadata |= _extend_vocabulary(tokenizer, training_texts, config.extend_vocabulary, report)
     train = ParquetOut(train_handle, classification_schema(metadata))
     validation = ParquetOut(validation_handle, classification_schema(metadata))
     unknown = chat_templates.unknown_token_id(tokenizer)
@@ -401,7 +395,7 @@ def _run_classification(
                 "num_tokens": len(ids),
                 "text": row["text"],
             }
-            if (row.get("group") or row["id"])[: split.GROUP_WIDTH] in validation_groups:
+            if in_validation(row):
                 report.validation_rows += 1
                 validation.add(out)
             else:
@@ -410,6 +404,23 @@ def _run_classification(
     train.close()
     validation.close()
     report.train_file_rows = train.rows
+
+
+def _extend_vocabulary(
+    tokenizer: Any, training_texts: Iterator[str], min_count: int, report: TokenizeReport
+) -> dict[str, str]:
+    """Add the training texts' characters the tokenizer cannot encode (sftpipe.data.vocabulary)
+    to `tokenizer`; returns the Parquet metadata that carries them to finetune."""
+    added = vocabulary.unknown_characters(tokenizer, training_texts, min_count)
+    vocabulary.extend(tokenizer, added)
+    report.added_tokens = len(added)
+    print(
+        f"[tokenize] extend_vocabulary: {len(added)} characters the tokenizer could only encode "
+        f"as its unknown token (seen >= {min_count} times in the training texts) added as new "
+        "tokens",
+        flush=True,
+    )
+    return vocabulary.metadata_of(added)
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
