@@ -13,7 +13,7 @@ import fnmatch
 import glob
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sftpipe import storage
 from sftpipe.data import hf
@@ -76,6 +76,7 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
                 return [Source(uri, key.rpartition("/")[2])]
             base = f"{key.rstrip('/')}/" if key else ""
             keys = [k for k in keys if k.startswith(base)]
+        _refuse_saved_datasets(uri, [PurePosixPath(k) for k in keys])
         found = [
             Source(f"s3://{bucket}/{k}", k[len(base) :])
             for k in keys
@@ -114,6 +115,23 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
             "check the path, or set --file-format for other file names",
         )
     return found
+
+
+def _refuse_saved_datasets(uri: str, keys: list[PurePosixPath]) -> None:
+    """A saved Hugging Face dataset in S3 would be read as its JSON metadata files (its rows
+    are in .arrow files): refused with what to do instead."""
+    names = set(keys)
+    for key in keys:
+        if key.name == "dataset_dict.json" or (
+            key.name == "state.json" and key.with_name("dataset_info.json") in names
+        ):
+            raise SftpipeError(
+                uri,
+                f"s3://{storage.split_s3(uri)[0]}/{key.parent} is a saved Hugging Face dataset "
+                "(save_to_disk); sftpipe "
+                "reads those from a local folder only",
+                "write it as Parquet to S3 (Dataset.to_parquet) or copy it to a local/volume path",
+            )
 
 
 def _refuse_nested_datasets(uri: str, files: list[Path]) -> None:

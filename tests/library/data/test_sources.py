@@ -44,3 +44,15 @@ def test_list_sources_s3(seaweedfs, s3_env):
     ]
     with pytest.raises(SftpipeError, match=f"s3://{s3_env}/missing: no data files under"):
         list_sources(f"s3://{s3_env}/missing")
+
+
+def test_a_saved_dataset_in_s3_is_refused_not_read_as_json(seaweedfs, s3_env, tmp_path):
+    """Its rows are in .arrow files; its JSON metadata would pass for data files."""
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "hi", "label": "a"}]).save_to_disk(str(tmp_path / "ds"))
+    for path in (tmp_path / "ds").iterdir():
+        seaweedfs.client().upload_file(str(path), s3_env, f"saved/ds/{path.name}")
+    for uri in (f"s3://{s3_env}/saved/ds", f"s3://{s3_env}/saved", f"s3://{s3_env}/saved/*/*"):
+        with pytest.raises(SftpipeError, match=f"s3://{s3_env}/saved/ds is a saved Hugging Face"):
+            list_sources(uri)
