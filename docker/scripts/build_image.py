@@ -44,6 +44,9 @@ SECRET_DIR = "/run/secrets"
 SERVE_PORT = int(os.environ.get("SFTPIPE_BUILD_PORT", "38517"))
 
 
+ENGINE_EOF = "rpc error: code = Internal desc = unexpected EOF"
+
+
 def fail(message: str) -> None:
     print(f"sftpipe: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1)
@@ -290,6 +293,31 @@ def failed_step(log_text: str) -> str:
     return errors[-1].strip()[:300] if errors else "see the log"
 
 
+def engine_dropped(log_text: str) -> bool:
+    """Whether a build failed because the engine's BuildKit dropped its own RPC stream (an
+    intermittent dockerd 20.10 fault seen on parallel stages, moby/buildkit#1983), not because
+    a step failed."""
+    errors = re.findall(r"^#\d+ ERROR: (.+)$", log_text, re.M)
+    return bool(errors) and all(e.strip() == ENGINE_EOF for e in errors)
+
+
+def run_build(full: list[str], log_path: Path, mode: str) -> int:
+    """Run `docker build`, its plain progress into `log_path` and its step lines to stderr."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    with log_path.open(mode, encoding="utf-8") as log:
+        log.write("$ " + " ".join(full) + "\n")
+        log.flush()
+        process = subprocess.Popen(
+            full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if re.match(r"#\d+ \[[^\]]+\] ", line) and "CACHED" not in line:
+                print("  " + line.rstrip()[:160], file=sys.stderr, flush=True)
+        return process.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, help="the build log (default: build/<image>.log)")
@@ -342,22 +370,14 @@ def main() -> int:
         if sources.folders:
             extra += ["--network", "host"]  # the local sources listen on 127.0.0.1
         full = [client, "build", *extra, *args]
-        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
         say(f"building {image} from {dockerfile} (log: {log_path})")
         start = time.perf_counter()
         try:
-            with log_path.open("w", encoding="utf-8") as log:
-                log.write("$ " + " ".join(full) + "\n")
-                log.flush()
-                process = subprocess.Popen(
-                    full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-                )
-                assert process.stdout is not None
-                for line in process.stdout:
-                    log.write(line)
-                    if re.match(r"#\d+ \[[^\]]+\] ", line) and "CACHED" not in line:
-                        print("  " + line.rstrip()[:160], file=sys.stderr, flush=True)
-                code = process.wait()
+            code = run_build(full, log_path, "w")
+            if code != 0 and engine_dropped(log_path.read_text(encoding="utf-8", errors="replace")):
+                # Done steps come from the layer cache: the second try costs little.
+                say("BuildKit dropped the build (unexpected EOF, moby/buildkit#1983); once more")
+                code = run_build(full, log_path, "a")
         finally:
             sources.stop()
     seconds = time.perf_counter() - start

@@ -99,6 +99,27 @@ def test_pip_failure_is_named_by_step_and_cause(build_image):
     assert "--mount" not in line
 
 
+def test_only_the_engine_dropping_the_build_is_built_again(build_image):
+    """The log of a real failure on this machine (dockerd 20.10, parallel stages); a failing
+    step is never retried."""
+    dropped = "\n".join(
+        [
+            "#6 [builder 2/9] RUN --mount=type=secret,id=pip_conf python3.11 -m venv /opt/venv",
+            "#6 ERROR: rpc error: code = Internal desc = unexpected EOF",
+            "#5 [runtime 2/4] RUN groupadd --gid 10001 sftpipe",
+            "#5 CANCELED",
+            "rpc error: code = Internal desc = unexpected EOF",
+        ]
+    )
+    assert build_image.engine_dropped(dropped)
+    step_failed = dropped.replace(
+        "#5 CANCELED", "#5 ERROR: executor failed running [/bin/sh -c groupadd]: exit code: 1"
+    )
+    assert not build_image.engine_dropped(step_failed)
+    assert not build_image.engine_dropped("#6 ERROR: executor failed running [x]: exit code: 1")
+    assert not build_image.engine_dropped("")
+
+
 def test_unknown_base_image_is_named(build_image):
     log = (
         "#3 [internal] load metadata for docker.io/sftpipe-test/no-such-base:0\n"
