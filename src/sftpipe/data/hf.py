@@ -19,9 +19,9 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from sftpipe import storage
@@ -67,6 +67,18 @@ def parse_hub_uri(uri: str) -> HubDataset:
         )
     name = "/".join(parts[:2])
     return HubDataset(name, parts[2] if len(parts) == 3 else None, split)
+
+
+def saved_dataset_folder(files: Sequence[PurePath]) -> PurePath | None:
+    """The first folder among `files` (a listing: local paths or S3 keys) that holds a saved
+    dataset's metadata (`state.json` beside `dataset_info.json`, or `dataset_dict.json`)."""
+    names = set(files)
+    for file in files:
+        if file.name == "dataset_dict.json" or (
+            file.name == "state.json" and file.with_name("dataset_info.json") in names
+        ):
+            return file.parent
+    return None
 
 
 def saved_dataset_dir(uri: str) -> Path | None:

@@ -120,30 +120,26 @@ def list_sources(uri: str, file_format: str = "auto") -> list[Source]:
 def _refuse_saved_datasets(uri: str, keys: list[PurePosixPath]) -> None:
     """A saved Hugging Face dataset in S3 would be read as its JSON metadata files (its rows
     are in .arrow files): refused with what to do instead."""
-    names = set(keys)
-    for key in keys:
-        if key.name == "dataset_dict.json" or (
-            key.name == "state.json" and key.with_name("dataset_info.json") in names
-        ):
-            raise SftpipeError(
-                uri,
-                f"s3://{storage.split_s3(uri)[0]}/{key.parent} is a saved Hugging Face dataset "
-                "(save_to_disk); sftpipe "
-                "reads those from a local folder only",
-                "write it as Parquet to S3 (Dataset.to_parquet) or copy it to a local/volume path",
-            )
+    folder = hf.saved_dataset_folder(keys)
+    if folder is not None:
+        raise SftpipeError(
+            uri,
+            f"s3://{storage.split_s3(uri)[0]}/{folder} is a saved Hugging Face dataset "
+            "(save_to_disk); sftpipe reads those from a local folder only",
+            "write it as Parquet to S3 (Dataset.to_parquet) or copy it to a local/volume path",
+        )
 
 
 def _refuse_nested_datasets(uri: str, files: list[Path]) -> None:
     """A saved dataset inside a folder of files would be read as its JSON metadata files, and
     its rows (in .arrow files) would be left out without a word: refused instead."""
-    for file in files:
-        if file.name == "state.json" and (file.parent / "dataset_info.json").is_file():
-            raise SftpipeError(
-                uri,
-                f"{file.parent} is a saved Hugging Face dataset inside a folder of data files",
-                "point data_uri at the dataset folder itself (one dataset per run)",
-            )
+    folder = hf.saved_dataset_folder(files)
+    if folder is not None:
+        raise SftpipeError(
+            uri,
+            f"{folder} is a saved Hugging Face dataset inside a folder of data files",
+            "point data_uri at the dataset folder itself (one dataset per run)",
+        )
 
 
 def shard_sources(sources: list[Source], num_shards: int) -> list[list[Source]]:
