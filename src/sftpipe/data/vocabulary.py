@@ -5,7 +5,8 @@ An encoder with an English WordPiece vocabulary (all-MiniLM-L6-v2) turns most Ch
 into `[UNK]`, so the model sees a review as a handful of known characters among identical
 blanks. tokenize adds every character that encodes to the unknown token and occurs at least
 `min_count` times in the training texts (never the validation texts: what the model is scored on
-must not shape its vocabulary), in code-point order, and records them in the Parquet metadata
+must not shape its vocabulary), in code-point order (`tokenizer.add_tokens` gives them ids
+in that order, so finetune's ids match tokenize's), and records them in the Parquet metadata
 (`sftpipe.added_tokens`); finetune adds the same tokens to the tokenizer and grows the input
 embeddings, whose new rows start at the old rows' mean and spread (transformers'
 `mean_resizing`) and learn at `embedding_learning_rate`. A tokenizer without an unknown token
@@ -32,12 +33,6 @@ def unknown_characters(tokenizer: Any, texts: Iterable[str], min_count: int) -> 
     encoded = tokenizer(candidates, add_special_tokens=False)["input_ids"]
     unknown = [tokenizer.unk_token_id]
     return [ch for ch, ids in zip(candidates, encoded, strict=True) if ids == unknown]
-
-
-def extend(tokenizer: Any, tokens: list[str]) -> None:
-    """Add `tokens` to `tokenizer` (in order, so their ids match tokenize's)."""
-    if tokens:
-        tokenizer.add_tokens(tokens)
 
 
 def added_tokens(metadata: dict[str, str]) -> list[str]:

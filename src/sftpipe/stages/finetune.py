@@ -167,7 +167,7 @@ def setup(
     tokenizer = models.load_tokenizer(
         model_dir, base_model, data.template, chat=data.task.chat_template
     )
-    vocabulary.extend(tokenizer, data.added_tokens)
+    tokenizer.add_tokens(data.added_tokens)  # tokenize's ids, same order
     fsdp = check_options(config, world, device, data)
     model = build_model(
         config, model_dir, base_model, data, device, dtype, fsdp, _vocab_size(tokenizer, data)

@@ -412,7 +412,7 @@ def _extend_vocabulary(
     """Add the training texts' characters the tokenizer cannot encode (sftpipe.data.vocabulary)
     to `tokenizer`; returns the Parquet metadata that carries them to finetune."""
     added = vocabulary.unknown_characters(tokenizer, training_texts, min_count)
-    vocabulary.extend(tokenizer, added)
+    tokenizer.add_tokens(added)
     report.added_tokens = len(added)
     print(
         f"[tokenize] extend_vocabulary: {len(added)} characters the tokenizer could only encode "
